@@ -1,0 +1,226 @@
+"""ServiceContext: what a service function receives."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Hashable
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import trio
+
+from ._jobs import Job, JobCounters
+
+if TYPE_CHECKING:
+    from ._supervisor import _ServiceRecord
+
+T = TypeVar("T")
+
+#: Called with an item that was taken from a source after the drain began, so that
+#: it can go back to that source. May be a plain or an async function.
+ReleaseFunction = Callable[[Any], Any]
+
+
+class ServiceContext:
+    """What a service function receives: readiness, intake, job blocks and drain state.
+
+    A new context is made each time the service starts (including restarts)::
+
+        async def consumer(ctx: nd.ServiceContext) -> None:
+            ctx.ready()
+            async for msg in ctx.intake(receive_channel):
+                async with ctx.job(msg.id, topic="orders"):
+                    await handle(msg)
+    """
+
+    def __init__(self, record: _ServiceRecord) -> None:
+        self._record = record
+        self._counters: JobCounters = record.counters
+        self._draining = False
+        self._drain_event = trio.Event()
+        self._deadline = math.inf
+        self._late_admissions = 0
+        self._ready_called = False
+        self._intake_clones: set[trio.MemoryReceiveChannel[Any]] = set()
+        self._intake_scopes: set[trio.CancelScope] = set()
+        self._health = "ok"
+
+    # -- what a service reads -----------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        """The service's name."""
+        return self._record.spec.name
+
+    @property
+    def draining(self) -> bool:
+        """True once a drain of this service began: take no new work."""
+        return self._draining
+
+    @property
+    def deadline(self) -> float:
+        """The trio time at which in-flight jobs are hard-cancelled; ``inf`` until a drain."""
+        return self._deadline
+
+    @property
+    def health(self) -> str:
+        """What the service last reported with :meth:`set_health` (``"ok"`` by default)."""
+        return self._health
+
+    def set_health(self, health: str) -> None:
+        """Report the service's own health (``"ok"``, ``"degraded"``, ...): shown on the dashboard."""
+        self._health = str(health)
+
+    def ready(self) -> None:
+        """Say the service is up: STARTING -> RUNNING, and the next service may start.
+
+        Calling it again, or after a drain began, does nothing.
+        """
+        if self._ready_called:
+            return
+        self._ready_called = True
+        self._record.supervisor._service_ready(self._record, self)
+
+    async def wait_draining(self) -> None:
+        """Wait until a drain of this service begins."""
+        await self._drain_event.wait()
+
+    # -- taking work ------------------------------------------------------------------
+
+    def intake(
+        self, source: AsyncIterable[T], *, release: ReleaseFunction | None = None
+    ) -> AsyncIterator[T]:
+        """Iterate over *source* until a drain begins; then stop at once.
+
+        *source* is usually a ``trio.MemoryReceiveChannel``: the iterator reads its own
+        clone of the channel and the drain closes that clone, which wakes a blocked
+        receive instantly and costs nothing per item. Items still in the channel stay
+        there for whoever reads it next. Any other async iterable works too.
+
+        An item that arrives in the very instant the drain begins has already left
+        its source. With *release*, it is handed to ``release(item)`` to go back;
+        without, it is still yielded, and the job it starts runs under the grace
+        deadline like the others, so it is never dropped.
+        """
+        if isinstance(source, trio.MemoryReceiveChannel):
+            return _ChannelIntake(self, source, release)
+        return _GenericIntake(self, source, release)
+
+    def job(self, key: Hashable, **info: Any) -> Job:
+        """An async context manager marking one unit of in-flight work.
+
+        The block is counted and shown on the dashboard, and shielded: a drain lets
+        it finish until the grace deadline, then hard-cancels it. Entering it after
+        the drain began raises :class:`DrainingError`.
+        """
+        return Job(self, key, info)
+
+    # -- driven by the supervisor ------------------------------------------------------
+
+    def _admit_late_item(self) -> bool:
+        if self._late_admissions:
+            self._late_admissions -= 1
+            return True
+        return False
+
+    def _begin_drain(self, deadline: float) -> None:
+        self._draining = True
+        self._drain_event.set()
+        for clone in self._intake_clones:
+            clone.close()
+        self._intake_clones.clear()
+        for scope in self._intake_scopes:
+            scope.cancel()
+        self._set_deadline(deadline)
+
+    def _set_deadline(self, deadline: float) -> None:
+        self._deadline = deadline
+        for job in self._counters.in_flight:
+            if job._context is self:
+                job._set_deadline(deadline)
+
+    def _close(self) -> None:
+        for clone in self._intake_clones:
+            clone.close()
+        self._intake_clones.clear()
+
+
+class _IntakeBase(Generic[T]):
+    def __init__(self, context: ServiceContext, release: ReleaseFunction | None) -> None:
+        self._context = context
+        self._release = release
+
+    def __aiter__(self) -> AsyncIterator[T]:
+        return self  # type: ignore[return-value]  # subclasses define __anext__
+
+    async def _late(self, item: T) -> T:
+        """An item received in the same instant a drain began."""
+        if self._release is None:
+            self._context._late_admissions += 1
+            return item
+        result = self._release(item)
+        if inspect.isawaitable(result):
+            await result
+        raise StopAsyncIteration
+
+
+class _ChannelIntake(_IntakeBase[T]):
+    def __init__(
+        self,
+        context: ServiceContext,
+        channel: trio.MemoryReceiveChannel[T],
+        release: ReleaseFunction | None,
+    ) -> None:
+        super().__init__(context, release)
+        self._clone: trio.MemoryReceiveChannel[T] | None = None
+        if not context._draining:
+            self._clone = channel.clone()
+            context._intake_clones.add(self._clone)
+
+    async def __anext__(self) -> T:
+        clone = self._clone
+        if self._context._draining or clone is None:
+            raise StopAsyncIteration
+        try:
+            item = await clone.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            self._finish()
+            raise StopAsyncIteration from None
+        if self._context._draining:
+            return await self._late(item)
+        return item
+
+    def _finish(self) -> None:
+        if self._clone is not None:
+            self._context._intake_clones.discard(self._clone)
+            self._clone.close()
+            self._clone = None
+
+
+class _GenericIntake(_IntakeBase[T]):
+    def __init__(
+        self,
+        context: ServiceContext,
+        source: AsyncIterable[T],
+        release: ReleaseFunction | None,
+    ) -> None:
+        super().__init__(context, release)
+        self._iterator = aiter(source)
+
+    async def __anext__(self) -> T:
+        context = self._context
+        if context._draining:
+            raise StopAsyncIteration
+        # An arbitrary iterable cannot be woken from outside, so each wait runs in a
+        # scope that the drain cancels. (Memory channels take the cheaper path above.)
+        with trio.CancelScope() as scope:
+            context._intake_scopes.add(scope)
+            try:
+                item = await anext(self._iterator)
+            finally:
+                context._intake_scopes.discard(scope)
+        if scope.cancelled_caught:
+            raise StopAsyncIteration
+        if context._draining:
+            return await self._late(item)
+        return item

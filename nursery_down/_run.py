@@ -1,0 +1,127 @@
+"""run() and open_supervisor(): the two ways to run a Supervisor."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import trio
+
+from ._exceptions import ConfigurationError, NurseryDownError
+from ._signals import serve_signals
+from ._spec import _require_finite
+from ._supervisor import EXIT_FAILED, EXIT_HARD_CANCELLED, EXIT_USAGE, Supervisor
+
+logger = logging.getLogger("nursery_down")
+
+
+@asynccontextmanager
+async def open_supervisor(
+    supervisor: Supervisor,
+    *,
+    dashboard: str | None = None,
+    handle_signals: bool = False,
+) -> AsyncIterator[Supervisor]:
+    """Run *supervisor* inside an existing trio program for the duration of the block.
+
+    The block starts once every service is ready. Leaving it normally drains the
+    whole app and waits for it to stop; leaving it with an exception hard-cancels
+    in-flight work first. *dashboard* (``"HOST:PORT"``) serves the dashboard in the
+    same nursery; *handle_signals* makes SIGTERM/SIGINT/SIGHUP drive the supervisor.
+    """
+    supervisor.check()
+    async with trio.open_nursery() as nursery:
+        if handle_signals:
+            # First, so that no signal can arrive unowned while services start.
+            await nursery.start(serve_signals, supervisor)
+        await nursery.start(supervisor.serve)
+        if dashboard is not None:
+            await _start_dashboard(nursery, supervisor, dashboard)
+        try:
+            yield supervisor
+        except BaseException:
+            if supervisor.running:
+                supervisor._escalate_app()
+            raise
+        else:
+            if supervisor.running:
+                supervisor._begin_app_drain(None)
+            await supervisor.wait_finished()
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def _start_dashboard(nursery: trio.Nursery, supervisor: Supervisor, address: str) -> None:
+    try:
+        from .dashboard import serve_dashboard
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"the dashboard needs extra packages ({exc.name} is missing); "
+            "install them with: pip install 'nursery-down[dashboard]'"
+        ) from None
+    await nursery.start(serve_dashboard, supervisor, address)
+
+
+def run(
+    supervisor: Supervisor,
+    *,
+    dashboard: str | None = None,
+    grace: float | None = None,
+    handle_signals: bool = True,
+) -> int:
+    """Run *supervisor* until it drains, and return the process exit code.
+
+    The blocking entry point of a service program::
+
+        raise SystemExit(nd.run(sup, dashboard="127.0.0.1:8080"))
+
+    Exit codes: 0 every job finished; 3 drained, but some jobs were hard-cancelled
+    (grace exceeded or escalated); 1 a service FAILED or the program crashed;
+    2 a usage or configuration error.
+    """
+    if grace is not None:
+        _require_finite("grace", grace, minimum=0.0)
+        supervisor.grace = float(grace)
+
+    async def main() -> int:
+        async with open_supervisor(
+            supervisor, dashboard=dashboard, handle_signals=handle_signals
+        ) as running:
+            await running.wait_finished()
+        code = running.exit_code
+        assert code is not None
+        return code
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return trio.run(main)
+    except BaseException as exc:  # noqa: BLE001  # every failure becomes an exit code
+        return _exit_code_for(exc)
+
+
+def _exit_code_for(exc: BaseException) -> int:
+    """Map what escaped trio.run to an exit code, with one clear log line."""
+    leaves = _leaves(exc)
+    for leaf in leaves:
+        if isinstance(leaf, ConfigurationError):
+            logger.error("%s", leaf)
+            return EXIT_USAGE
+    for leaf in leaves:
+        if isinstance(leaf, NurseryDownError):
+            logger.error("%s", leaf)
+            return EXIT_FAILED
+    if all(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
+        # Only possible in the instant before the signal receiver opened or after it closed.
+        logger.warning("interrupted outside the drain: work may have been cut short")
+        return EXIT_HARD_CANCELLED
+    if any(isinstance(leaf, SystemExit) for leaf in leaves):
+        raise exc
+    logger.error("the program crashed", exc_info=exc)
+    return EXIT_FAILED
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]

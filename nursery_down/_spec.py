@@ -1,0 +1,179 @@
+"""How a service is defined: its function, restart policy, dependencies and limits."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import random
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, get_args
+
+from ._exceptions import ConfigurationError
+
+if TYPE_CHECKING:
+    from ._context import ServiceContext
+
+#: When a service whose function ended is started again:
+#: ``"permanent"`` always, ``"transient"`` only after an error, ``"temporary"`` never.
+RestartPolicy = Literal["permanent", "transient", "temporary"]
+
+ServiceFunction = Callable[["ServiceContext"], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Exponential backoff with jitter between restarts.
+
+    The n-th restart within the intensity window waits
+    ``min(maximum, initial * factor ** (n - 1))`` seconds, multiplied by a random
+    factor in ``[1 - jitter, 1 + jitter]`` so that many crashing services do not
+    restart in lockstep.
+    """
+
+    initial: float = 0.1
+    factor: float = 2.0
+    maximum: float = 30.0
+    jitter: float = 0.1
+
+    def __post_init__(self) -> None:
+        _require_finite("Backoff.initial", self.initial, minimum=0.0)
+        _require_finite("Backoff.factor", self.factor, minimum=1.0)
+        _require_finite("Backoff.maximum", self.maximum, minimum=self.initial)
+        _require_finite("Backoff.jitter", self.jitter, minimum=0.0)
+        if self.jitter >= 1.0:
+            raise ConfigurationError(f"Backoff.jitter must be below 1.0, got {self.jitter!r}")
+
+    def delay(self, restart_number: int, rng: random.Random) -> float:
+        """Seconds to wait before restart number *restart_number* (1-based)."""
+        base = min(self.maximum, self.initial * self.factor ** (restart_number - 1))
+        if self.jitter:
+            base *= rng.uniform(1.0 - self.jitter, 1.0 + self.jitter)
+        return base
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSpec:
+    """Everything the supervisor knows about one service before it runs."""
+
+    name: str
+    function: ServiceFunction
+    restart: RestartPolicy
+    after: tuple[str, ...]
+    grace: float | None
+    max_restarts: int
+    within: float
+    backoff: Backoff
+
+
+def make_spec(
+    function: object,
+    *,
+    name: str | None,
+    restart: str,
+    after: Iterable[str],
+    grace: float | None,
+    max_restarts: int,
+    within: float,
+    backoff: Backoff | None,
+) -> ServiceSpec:
+    """Validate a service definition and freeze it, with an error that says what to fix."""
+    if not callable(function) or not _is_async_function(function):
+        raise ConfigurationError(
+            f"service {getattr(function, '__name__', function)!r} must be an async function "
+            "taking a ServiceContext (define it with 'async def')"
+        )
+    service_name = name if name is not None else getattr(function, "__name__", None)
+    if not isinstance(service_name, str) or not service_name:
+        raise ConfigurationError("a service needs a non-empty name: pass name='...'")
+    if restart not in get_args(RestartPolicy):
+        raise ConfigurationError(
+            f"service {service_name!r}: restart must be 'permanent', 'transient' or "
+            f"'temporary', got {restart!r}"
+        )
+    if isinstance(after, str):
+        after = [after]
+    dependencies = tuple(after)
+    if service_name in dependencies:
+        raise ConfigurationError(f"service {service_name!r} cannot start after itself")
+    if grace is not None:
+        _require_finite(f"service {service_name!r}: grace", grace, minimum=0.0)
+    if not isinstance(max_restarts, int) or max_restarts < 0:
+        raise ConfigurationError(
+            f"service {service_name!r}: max_restarts must be a whole number >= 0, "
+            f"got {max_restarts!r}"
+        )
+    _require_finite(f"service {service_name!r}: within", within, minimum=0.0)
+    return ServiceSpec(
+        name=service_name,
+        function=function,  # type: ignore[arg-type]  # checked above
+        restart=restart,  # type: ignore[arg-type]  # checked above
+        after=dependencies,
+        grace=grace,
+        max_restarts=max_restarts,
+        within=within,
+        backoff=backoff if backoff is not None else Backoff(),
+    )
+
+
+def _is_async_function(function: object) -> bool:
+    # functools.partial and callable objects wrapping an async function count too.
+    target = function
+    while hasattr(target, "func"):
+        target = target.func
+    if inspect.iscoroutinefunction(target):
+        return True
+    call = getattr(target, "__call__", None)  # noqa: B004  # an object with async __call__
+    return inspect.iscoroutinefunction(call)
+
+
+def _require_finite(what: str, value: object, *, minimum: float) -> None:
+    if (
+        not isinstance(value, int | float)
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or value < minimum
+    ):
+        raise ConfigurationError(f"{what} must be a number >= {minimum:g}, got {value!r}")
+
+
+def start_order(specs: list[ServiceSpec]) -> list[ServiceSpec]:
+    """Registration order, moved only as far as ``after=`` requires (a stable topological sort).
+
+    Raises :class:`ConfigurationError` for an unknown dependency and
+    :class:`DependencyCycleError` for a cycle, naming the services involved.
+    """
+    from ._exceptions import DependencyCycleError
+
+    by_name = {spec.name: spec for spec in specs}
+    for spec in specs:
+        for dependency in spec.after:
+            if dependency not in by_name:
+                raise ConfigurationError(
+                    f"service {spec.name!r} starts after {dependency!r}, which is not a "
+                    f"registered service; registered: {', '.join(by_name) or 'none'}"
+                )
+    ordered: list[ServiceSpec] = []
+    placed: set[str] = set()
+    visiting: list[str] = []
+
+    def place(spec: ServiceSpec) -> None:
+        if spec.name in placed:
+            return
+        if spec.name in visiting:
+            cycle = [*visiting[visiting.index(spec.name) :], spec.name]
+            raise DependencyCycleError(
+                "services depend on each other in a cycle: "
+                + " -> ".join(cycle)
+                + "; remove one of these after= entries"
+            )
+        visiting.append(spec.name)
+        for dependency in spec.after:
+            place(by_name[dependency])
+        visiting.pop()
+        placed.add(spec.name)
+        ordered.append(spec)
+
+    for spec in specs:
+        place(spec)
+    return ordered
