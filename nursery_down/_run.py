@@ -31,25 +31,32 @@ async def open_supervisor(
     same nursery; *handle_signals* makes SIGTERM/SIGINT/SIGHUP drive the supervisor.
     """
     supervisor.check()
-    async with trio.open_nursery() as nursery:
+    async with trio.open_nursery() as outer:
         if handle_signals:
-            # First, so that no signal can arrive unowned while services start.
-            await nursery.start(serve_signals, supervisor)
-        await nursery.start(supervisor.serve)
-        if dashboard is not None:
-            await _start_dashboard(nursery, supervisor, dashboard)
-        try:
-            yield supervisor
-        except BaseException:
-            if supervisor.running:
-                supervisor._escalate_app()
-            raise
-        else:
+            # First, and last to go: no signal may arrive unowned while services start
+            # or while the dashboard shuts down.
+            await outer.start(serve_signals, supervisor)
+        async with trio.open_nursery() as inner:
+            await inner.start(supervisor.serve)
+            if dashboard is not None:
+                await _start_dashboard(inner, supervisor, dashboard)
+            try:
+                yield supervisor
+            except BaseException:
+                if supervisor.running:
+                    supervisor._escalate_app()
+                raise
             if supervisor.running:
                 supervisor._begin_app_drain(None)
             await supervisor.wait_finished()
-        finally:
-            nursery.cancel_scope.cancel()
+            # The dashboard ends by itself once the supervisor stopped (it closes its
+            # event streams first); this bound only guards against a stuck peer.
+            inner.cancel_scope.deadline = trio.current_time() + SHUTDOWN_LIMIT
+        outer.cancel_scope.cancel()
+
+
+#: Seconds the dashboard may take to shut down after every service stopped.
+SHUTDOWN_LIMIT = 5.0
 
 
 async def _start_dashboard(nursery: trio.Nursery, supervisor: Supervisor, address: str) -> None:
