@@ -70,10 +70,14 @@ def _seconds(text: str) -> float:
 
 def load_supervisor(target: str) -> Supervisor:
     """Import TARGET (``module:attr`` or ``file.py:attr``) and return the Supervisor it names."""
-    location, _, attribute = target.partition(":") if not _looks_like_windows_path(target) else (
-        target,
-        "",
-        "",
+    location, _, attribute = (
+        target.partition(":")
+        if not _looks_like_windows_path(target)
+        else (
+            target,
+            "",
+            "",
+        )
     )
     if not location:
         raise ConfigurationError(f"no module or file in target {target!r}; use MODULE:ATTR")

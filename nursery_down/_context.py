@@ -68,7 +68,7 @@ class ServiceContext:
         return self._health
 
     def set_health(self, health: str) -> None:
-        """Report the service's own health (``"ok"``, ``"degraded"``, ...): shown on the dashboard."""
+        """Report the service's own health (``"ok"``, ``"degraded"``, ...) for the dashboard."""
         self._health = str(health)
 
     def ready(self) -> None:
@@ -186,7 +186,7 @@ class _ChannelIntake(_IntakeBase[T]):
         except (trio.EndOfChannel, trio.ClosedResourceError):
             self._finish()
             raise StopAsyncIteration from None
-        if self._context._draining:
+        if self._context.draining:
             return await self._late(item)
         return item
 
@@ -221,6 +221,6 @@ class _GenericIntake(_IntakeBase[T]):
                 context._intake_scopes.discard(scope)
         if scope.cancelled_caught:
             raise StopAsyncIteration
-        if context._draining:
+        if context.draining:
             return await self._late(item)
         return item

@@ -21,7 +21,7 @@ class NurseryDownError(Exception):
 
 
 class ConfigurationError(NurseryDownError):
-    """A supervisor, service or command was configured wrongly; fix the call named in the message."""
+    """A supervisor, service or command was configured wrongly; the message says what to fix."""
 
 
 class DependencyCycleError(ConfigurationError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -61,13 +62,14 @@ SHUTDOWN_LIMIT = 5.0
 
 async def _start_dashboard(nursery: trio.Nursery, supervisor: Supervisor, address: str) -> None:
     try:
-        from .dashboard import serve_dashboard
+        # Imported here: the core never needs the web stack unless a dashboard is asked for.
+        dashboard = importlib.import_module("nursery_down.dashboard")
     except ImportError as exc:
         raise ConfigurationError(
             f"the dashboard needs extra packages ({exc.name} is missing); "
             "install them with: pip install 'nursery-down[dashboard]'"
         ) from None
-    await nursery.start(serve_dashboard, supervisor, address)
+    await nursery.start(dashboard.serve_dashboard, supervisor, address)
 
 
 def run(
@@ -100,10 +102,12 @@ def run(
         assert code is not None
         return code
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         return trio.run(main)
-    except BaseException as exc:  # noqa: BLE001  # every failure becomes an exit code
+    except BaseException as exc:  # every failure becomes an exit code
         return _exit_code_for(exc)
 
 

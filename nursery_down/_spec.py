@@ -106,7 +106,7 @@ def make_spec(
     _require_finite(f"service {service_name!r}: within", within, minimum=0.0)
     return ServiceSpec(
         name=service_name,
-        function=function,  # type: ignore[arg-type]  # checked above
+        function=function,
         restart=restart,  # type: ignore[arg-type]  # checked above
         after=dependencies,
         grace=grace,

@@ -95,11 +95,14 @@ class Supervisor:
         seed: int | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
-            raise ConfigurationError("a supervisor needs a non-empty name, e.g. Supervisor('orders')")
+            raise ConfigurationError(
+                "a supervisor needs a non-empty name, e.g. Supervisor('orders')"
+            )
         _require_finite("grace", grace, minimum=0.0)
         self.name = name
         self.grace = float(grace)
-        self._defaults = {"max_restarts": max_restarts, "within": within}
+        self._default_max_restarts = max_restarts
+        self._default_within = within
         self._backoff = backoff
         self._rng = random.Random(seed)
         self._records: dict[str, _ServiceRecord] = {}
@@ -146,7 +149,7 @@ class Supervisor:
         within: float | None = None,
         backoff: Backoff | None = None,
     ) -> ServiceFunction | Callable[[ServiceFunction], ServiceFunction]:
-        """Register an async function as a service; use as ``@sup.service`` or ``@sup.service(...)``.
+        """Register an async function as a service: ``@sup.service`` or ``@sup.service(...)``.
 
         *restart*: ``"permanent"`` (always restart), ``"transient"`` (restart after an
         error only) or ``"temporary"`` (never). *after*: names of services that must
@@ -194,8 +197,8 @@ class Supervisor:
             restart=restart,
             after=after,
             grace=grace,
-            max_restarts=self._defaults["max_restarts"] if max_restarts is None else max_restarts,
-            within=self._defaults["within"] if within is None else within,
+            max_restarts=self._default_max_restarts if max_restarts is None else max_restarts,
+            within=self._default_within if within is None else within,
             backoff=backoff if backoff is not None else self._backoff,
         )
         if spec.name in self._records:
@@ -231,17 +234,19 @@ class Supervisor:
             raise ConfigurationError(f"supervisor {self.name!r} can only run once")
         self.check()
         by_name = self._records
-        self._order = [by_name[spec.name] for spec in start_order([r.spec for r in by_name.values()])]
+        self._order = [
+            by_name[spec.name] for spec in start_order([r.spec for r in by_name.values()])
+        ]
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 self._set_app_state("starting", f"starting {len(self._order)} services")
                 for record in self._order:
-                    if self._app_state == "draining":
+                    if self.draining:
                         break
                     self._launch(record)
                     await record.settled.wait()
-                if self._app_state == "starting":
+                if self.app_state == "starting":
                     self._set_app_state("running", "every service started")
                     self._check_finished()  # every service may have ended while starting
                 task_status.started()
@@ -252,7 +257,7 @@ class Supervisor:
             self._nursery = None
             if self._exit_code is None:
                 self._exit_code = self._compute_exit_code()
-            if self._app_state != "stopped":
+            if self.app_state != "stopped":
                 self._set_app_state("stopped", "stopped")
             self._hub.close()
 
@@ -273,13 +278,18 @@ class Supervisor:
         return self._nursery is not None
 
     @property
+    def app_state(self) -> AppState:
+        """``idle`` (not run yet), ``starting``, ``running``, ``draining`` or ``stopped``."""
+        return self._app_state
+
+    @property
     def draining(self) -> bool:
         """True once a whole-app drain began."""
         return self._app_state == "draining"
 
     @property
     def exit_code(self) -> int | None:
-        """The process exit code once stopped: 0 all jobs finished, 3 some hard-cancelled, 1 failure."""
+        """The exit code once stopped: 0 all jobs finished, 3 some hard-cancelled, 1 a failure."""
         return self._exit_code
 
     def state_of(self, name: str) -> ServiceState:
@@ -378,7 +388,8 @@ class Supervisor:
         if name is None and self._app_state == "draining":
             self._app_deadline += seconds
         for record in draining:
-            assert record.context is not None and record.scope is not None
+            assert record.context is not None
+            assert record.scope is not None
             deadline = record.context.deadline + seconds
             record.context._set_deadline(deadline)
             record.scope.deadline = deadline
@@ -386,7 +397,7 @@ class Supervisor:
     # -- reading ----------------------------------------------------------------------
 
     def subscribe(self) -> Subscription:
-        """Receive every event from now on: ``with sup.subscribe() as events: async for e in events``."""
+        """Every event from now on: ``with sup.subscribe() as events: async for e in events``."""
         return self._hub.subscribe()
 
     def events(self) -> list[Event]:
@@ -558,7 +569,8 @@ class Supervisor:
     async def _run_once(self, record: _ServiceRecord) -> bool:
         """Run the service function once; return True to run it again."""
         context, scope, spec = record.context, record.scope, record.spec
-        assert context is not None and scope is not None
+        assert context is not None
+        assert scope is not None
         error: BaseException | None = None
         with scope:
             try:
@@ -568,12 +580,12 @@ class Supervisor:
         context._close()
         if error is not None:
             record.last_error = f"{type(error).__name__}: {error}"
-            logger.error(
-                "service %s crashed: %s", record.name, record.last_error, exc_info=error
-            )
+            logger.error("service %s crashed: %s", record.name, record.last_error, exc_info=error)
         if context.draining:
             if error is not None:
-                self._transition(record, ServiceState.FAILED, f"crashed while draining: {record.last_error}")
+                self._transition(
+                    record, ServiceState.FAILED, f"crashed while draining: {record.last_error}"
+                )
             else:
                 hard = "" if not scope.cancelled_caught else " (grace deadline reached)"
                 self._transition(record, ServiceState.STOPPED, f"drained{hard}")
@@ -583,7 +595,9 @@ class Supervisor:
             return False
         if error is not None and spec.restart == "temporary":
             self._transition(
-                record, ServiceState.FAILED, f"crashed (temporary: not restarted): {record.last_error}"
+                record,
+                ServiceState.FAILED,
+                f"crashed (temporary: not restarted): {record.last_error}",
             )
             return False
         reason = "crashed" if error is not None else "returned"
@@ -618,7 +632,8 @@ class Supervisor:
         state = record.state
         if state in (ServiceState.STARTING, ServiceState.RUNNING):
             context, scope = record.context, record.scope
-            assert context is not None and scope is not None
+            assert context is not None
+            assert scope is not None
             self._transition(record, ServiceState.DRAINING, "draining")
             context._begin_drain(deadline)
             # The service's own scope shares the deadline: at it, everything still
@@ -626,7 +641,8 @@ class Supervisor:
             scope.deadline = deadline
         elif state is ServiceState.DRAINING:
             context, scope = record.context, record.scope
-            assert context is not None and scope is not None
+            assert context is not None
+            assert scope is not None
             if deadline < context.deadline:
                 context._set_deadline(deadline)
                 scope.deadline = deadline
