@@ -310,20 +310,20 @@ class Supervisor:
         """
         if grace is not None:
             _require_finite("grace", grace, minimum=0.0)
-        await trio.lowlevel.checkpoint()
         self._require_running()
         if name is None:
             self._action("drain", None, actor)
             self._begin_app_drain(grace)
-            return
-        record = self._record(name)
-        self._action("drain", name, actor)
-        record.held = True
-        self._drain_service(record, trio.current_time() + self._grace_of(record, grace))
+        else:
+            record = self._record(name)
+            self._action("drain", name, actor)
+            record.held = True
+            self._drain_service(record, trio.current_time() + self._grace_of(record, grace))
+        # Checkpoint after acting, not before: the drain takes effect in this instant.
+        await trio.lowlevel.checkpoint()
 
     async def start(self, name: str, *, actor: str = "code") -> None:
         """Start a STOPPED or FAILED service again. A service already up is left alone."""
-        await trio.lowlevel.checkpoint()
         self._require_running()
         record = self._record(name)
         if self._app_state == "draining":
@@ -339,45 +339,46 @@ class Supervisor:
         if record.state in (ServiceState.STOPPED, ServiceState.FAILED):
             record.recent_restarts.clear()  # a deliberate start gets a fresh restart budget
             self._launch(record)
+        await trio.lowlevel.checkpoint()
 
     async def restart(self, name: str | None = None, *, actor: str = "code") -> None:
         """Drain a service and start it again; with no name, restart every service in turn.
 
         Returns once the restart began. Asking again while one is under way does nothing.
         """
-        await trio.lowlevel.checkpoint()
         self._require_running()
         if self._app_state == "draining":
             raise InvalidTransitionError("cannot restart: the whole app is draining and will exit")
         if name is None:
             self._action("restart", None, actor)
             self._begin_rolling_restart()
-            return
-        record = self._record(name)
-        self._action("restart", name, actor)
-        self._begin_restart(record)
+        else:
+            record = self._record(name)
+            self._action("restart", name, actor)
+            self._begin_restart(record)
+        await trio.lowlevel.checkpoint()
 
     async def escalate(self, name: str | None = None, *, actor: str = "code") -> None:
         """Hard-cancel in-flight jobs now: move the grace deadline to the present.
 
         A service (or app) that was not draining begins a drain with no grace.
         """
-        await trio.lowlevel.checkpoint()
         self._require_running()
-        self._action("escalate", name, actor)
         if name is None:
+            self._action("escalate", None, actor)
             self._escalate_app()
         else:
             record = self._record(name)
+            self._action("escalate", name, actor)
             record.held = record.held or record.state is not ServiceState.DRAINING
             self._drain_service(record, trio.current_time())
+        await trio.lowlevel.checkpoint()
 
     async def extend_grace(
         self, seconds: float, name: str | None = None, *, actor: str = "code"
     ) -> None:
         """Move the grace deadline *seconds* later, for one draining service or the whole app."""
         _require_finite("seconds", seconds, minimum=0.0)
-        await trio.lowlevel.checkpoint()
         self._require_running()
         targets = self._order if name is None else [self._record(name)]
         draining = [r for r in targets if r.state is ServiceState.DRAINING]
@@ -393,6 +394,7 @@ class Supervisor:
             deadline = record.context.deadline + seconds
             record.context._set_deadline(deadline)
             record.scope.deadline = deadline
+        await trio.lowlevel.checkpoint()
 
     # -- reading ----------------------------------------------------------------------
 
