@@ -696,6 +696,7 @@ class Supervisor:
             await record.settled.wait()
         finally:
             record.restart_pending = False
+            self._wake()  # a rolling restart waits for this flag
 
     def _begin_rolling_restart(self) -> None:
         if self._rolling_restart:
