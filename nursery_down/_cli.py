@@ -22,6 +22,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+EXIT_CODES = """\
+exit codes:
+  0  drained, every job finished
+  3  drained, but some jobs were hard-cancelled (grace exceeded or escalated)
+  1  a service FAILED (restarted too often) or the program crashed
+  2  usage or configuration error
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="nursery-down",
@@ -33,10 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser(
         "run",
         help="run a Supervisor until SIGTERM/SIGINT drains it",
-        description=(
-            "Run a Supervisor the way nd.run() does. Exit codes: 0 every job finished, "
-            "3 some jobs were hard-cancelled, 1 a service failed, 2 usage error."
-        ),
+        description="Run a Supervisor the way nd.run() does, owning SIGTERM, SIGINT and SIGHUP.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument(
         "target",
