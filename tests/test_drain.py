@@ -89,10 +89,14 @@ async def test_job_outcome_says_how_the_block_ended(
         async with ctx.job("ok") as job:
             jobs.append(job)
             assert job.outcome == "running"
-        with pytest.raises(ValueError, match="bad"):
+
+        async def fail() -> None:
             async with ctx.job("bad") as job:
                 jobs.append(job)
                 raise ValueError("bad")
+
+        with pytest.raises(ValueError, match="bad"):
+            await fail()
         try:
             async with ctx.job("slow") as job:
                 jobs.append(job)
@@ -434,9 +438,7 @@ async def test_drain_refuses_a_negative_grace() -> None:
 async def test_drain_during_backoff_stops_the_service(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    sup = nd.Supervisor(
-        "backoff-drain", backoff=nd.Backoff(initial=60.0, maximum=60.0, jitter=0.0)
-    )
+    sup = nd.Supervisor("backoff-drain", backoff=nd.Backoff(initial=60.0, maximum=60.0, jitter=0.0))
 
     @sup.service
     async def crasher(ctx: nd.ServiceContext) -> None:
@@ -459,9 +461,15 @@ async def test_snapshot_matches_the_documented_schema(
         await trio.sleep(1.5)
         await sup.drain("consumer")
         snap = sup.snapshot(max_jobs=2)
-        assert {"app", "pid", "state", "draining", "grace_deadline", "exit_code", "services"} <= set(
-            snap
-        )
+        assert {
+            "app",
+            "pid",
+            "state",
+            "draining",
+            "grace_deadline",
+            "exit_code",
+            "services",
+        } <= set(snap)
         assert (snap["app"], snap["state"], snap["draining"]) == ("orders", "running", False)
         service = snap["services"][0]
         assert {
@@ -498,12 +506,11 @@ async def test_subscribers_receive_events_and_end_with_the_supervisor() -> None:
                 received.append(f"{event.kind}:{event.state}")
 
     with trio.fail_after(5):
-        async with trio.open_nursery() as nursery:
-            async with nd.open_supervisor(sup):
-                nursery.start_soon(listen, sup.subscribe())
-                await trio.testing.wait_all_tasks_blocked()
-                await sup.drain("work", actor="test")
-                await sup.wait_state("work", S.STOPPED)
+        async with trio.open_nursery() as nursery, nd.open_supervisor(sup):
+            nursery.start_soon(listen, sup.subscribe())
+            await trio.testing.wait_all_tasks_blocked()
+            await sup.drain("work", actor="test")
+            await sup.wait_state("work", S.STOPPED)
     assert received == [
         "action:None",
         "state:draining",
@@ -564,10 +571,14 @@ async def test_leaving_open_supervisor_with_an_error_hard_cancels_jobs(
 ) -> None:
     sup = nd.Supervisor("error-exit", grace=30.0)
     job_service(sup, [100.0])
-    with pytest.raises(ExceptionGroup) as info:
+
+    async def embedding_program() -> None:
         async with nd.open_supervisor(sup):
             await trio.sleep(1)
             raise LookupError("the embedding program failed")
+
+    with pytest.raises(ExceptionGroup) as info:
+        await embedding_program()
     assert info.group_contains(LookupError)
     assert trio.current_time() == 1.0
     assert sup.snapshot()["services"][0]["hard_cancelled"] == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import subprocess
 import sys
@@ -36,6 +37,6 @@ def test_the_core_imports_no_web_stack() -> None:
 
 
 def test_dashboard_ships_as_a_subpackage() -> None:
-    import nursery_down.dashboard
-
-    assert nursery_down.dashboard.__name__ == "nursery_down.dashboard"
+    dashboard = importlib.import_module("nursery_down.dashboard")
+    assert dashboard.__file__ is not None
+    assert dashboard.__name__ == "nursery_down.dashboard"

@@ -54,7 +54,7 @@ def test_duplicate_names_are_refused() -> None:
 def test_unknown_dependency_is_named() -> None:
     sup = nd.Supervisor("deps")
     sup.add(noop, name="api", after=["db"])
-    with pytest.raises(nd.ConfigurationError, match="starts after 'db'.*registered: api"):
+    with pytest.raises(nd.ConfigurationError, match=r"starts after 'db'.*registered: api"):
         sup.check()
 
 
