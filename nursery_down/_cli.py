@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import json
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from ._exceptions import ConfigurationError
 from ._supervisor import EXIT_USAGE, Supervisor
@@ -63,7 +64,45 @@ def build_parser() -> argparse.ArgumentParser:
     dashboard.add_argument(
         "--no-dashboard", dest="dashboard", action="store_const", const=None, help="no dashboard"
     )
+
+    def add_connection(command: argparse.ArgumentParser) -> None:
+        command.add_argument(
+            "--url",
+            help="base URL of the program's dashboard (default: $NURSERY_DOWN_URL, "
+            "else http://127.0.0.1:8080)",
+        )
+        command.add_argument(
+            "--token", help="operator token (default: $NURSERY_DOWN_TOKEN, or ?token= in --url)"
+        )
+        command.add_argument("--json", action="store_true", help="print the snapshot as JSON")
+
+    status = commands.add_parser("status", help="show every service's state and in-flight jobs")
+    status.add_argument("service", nargs="?", metavar="SERVICE", help="only this service")
+    add_connection(status)
+    for action, text in ACTIONS.items():
+        command = commands.add_parser(action, help=text)
+        if action == "start":
+            command.add_argument("service", metavar="SERVICE", help="the service to start")
+        else:
+            command.add_argument(
+                "service", nargs="?", metavar="SERVICE", help="one service (default: the whole app)"
+            )
+        if action == "drain":
+            command.add_argument("--grace", type=_seconds, metavar="S", help="grace in seconds")
+        add_connection(command)
+    extend = commands.add_parser("extend-grace", help="move a drain's grace deadline later")
+    extend.add_argument("seconds", type=_seconds, metavar="SECONDS")
+    extend.add_argument("service", nargs="?", metavar="SERVICE", help="default: the whole app")
+    add_connection(extend)
     return parser
+
+
+ACTIONS = {
+    "drain": "drain one service, or the whole app: intake stops, in-flight jobs finish",
+    "start": "start a stopped or failed service",
+    "restart": "drain a service and start it again (the whole app: every service in turn)",
+    "escalate": "hard-cancel in-flight jobs now",
+}
 
 
 def _seconds(text: str) -> float:
@@ -143,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "run":
         return _run(args)
-    parser.error(f"unknown command {args.command!r}")
+    return _operate(args)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -156,3 +195,72 @@ def _run(args: argparse.Namespace) -> int:
         print(f"nursery-down: error: {exc}", file=sys.stderr)  # noqa: T201
         return EXIT_USAGE
     return run(supervisor, dashboard=args.dashboard, grace=args.grace)
+
+
+def _operate(args: argparse.Namespace) -> int:
+    """status and the actions: talk to a running program's HTTP API."""
+    from ._client import ApiClient, ClientError
+
+    try:
+        client = ApiClient(args.url, args.token)
+        if args.command == "status":
+            snapshot = client.snapshot()
+            if args.service is not None and args.service not in {
+                s["name"] for s in snapshot["services"]
+            }:
+                known = ", ".join(s["name"] for s in snapshot["services"])
+                raise ClientError(f"unknown service {args.service!r}; known services: {known}")
+        elif args.command == "extend-grace":
+            body = {"seconds": args.seconds, "service": args.service}
+            snapshot = client.action("extend-grace", None, body)
+        else:
+            body = {"grace": args.grace} if getattr(args, "grace", None) is not None else {}
+            snapshot = client.action(args.command, args.service, body)
+    except ClientError as exc:
+        print(f"nursery-down: error: {exc}", file=sys.stderr)  # noqa: T201
+        return EXIT_USAGE
+    if args.json:
+        print(json.dumps(snapshot, indent=2))  # noqa: T201
+    else:
+        print(format_status(snapshot, only=getattr(args, "service", None)))  # noqa: T201
+    return 0
+
+
+def format_status(snapshot: dict[str, Any], *, only: str | None = None) -> str:
+    """A readable table of a snapshot, one row per service."""
+    header = (
+        "SERVICE",
+        "STATE",
+        "IN-FLIGHT",
+        "OLDEST",
+        "DONE",
+        "FAILED",
+        "CUT",
+        "RESTARTS",
+        "HEALTH",
+    )
+    rows = [header]
+    for service in snapshot["services"]:
+        if only is not None and service["name"] != only:
+            continue
+        oldest = service.get("oldest_job_age")
+        rows.append(
+            (
+                service["name"],
+                service["state"].upper(),
+                str(service["in_flight"]),
+                "-" if oldest is None else f"{oldest:.1f}s",
+                str(service["completed"]),
+                str(service["failed"]),
+                str(service["hard_cancelled"]),
+                str(service["restarts"]),
+                str(service["health"]),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = [f"{snapshot['app']} (pid {snapshot['pid']}): {snapshot['state']}"]
+    lines += [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
+    return "\n".join(lines)
