@@ -1,0 +1,135 @@
+"""The JSON API: the snapshot, the event stream, and the actions.
+
+Actions answer ``202 Accepted`` with the new snapshot once the supervisor took them
+(a drain has begun, not finished). A form posted by a browser without JavaScript
+is redirected back to the page instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from quart import Quart, g, redirect, request
+from quart.typing import ResponseReturnValue
+
+from nursery_down import ConfigurationError, InvalidTransitionError, UnknownServiceError
+
+from ._audit import action_target, audit, remote_address
+from ._body import BodyError, read_fields, seconds_field, text_field
+from ._context import dashboard_context
+from ._responses import error_response, from_plain_form, json_response
+from ._streams import live_snapshot
+from ._view import JOBS_SHOWN
+
+#: Runs one action on behalf of *actor* (``"browser 127.0.0.1"``); may raise BodyError.
+Action = Callable[[dict[str, Any], str], Awaitable[None]]
+
+SERVICE_ACTIONS = ("drain", "start", "restart", "escalate")
+
+
+def register_api(app: Quart) -> None:
+    """Add the ``/api/...`` routes to *app*."""
+    context = dashboard_context(app)
+    supervisor = context.supervisor
+
+    @app.get("/api/snapshot")
+    async def snapshot() -> ResponseReturnValue:
+        text = request.args.get("max_jobs", str(JOBS_SHOWN))
+        if text == "all":
+            max_jobs = None
+        elif text.isdigit():
+            max_jobs = int(text)
+        else:
+            return await error_response(
+                request, 400, f"max_jobs must be a whole number or 'all', got {text!r}"
+            )
+        return json_response(supervisor.snapshot(max_jobs=max_jobs))
+
+    @app.get("/api/events")
+    async def events() -> ResponseReturnValue:
+        response = app.response_class(context.streams.stream(), mimetype="text/event-stream")
+        response.headers["Cache-Control"] = "no-store"
+        response.headers["X-Accel-Buffering"] = "no"  # keep reverse proxies from buffering it
+        # A stream ends only when the dashboard closes (or the client goes): then the
+        # connection has nothing left to do, and closing it at once speeds shutdown.
+        response.headers["Connection"] = "close"
+        response.timeout = None  # the default response timeout would cut the stream at 60 s
+        return response
+
+    @app.post("/api/drain")
+    async def drain_app() -> ResponseReturnValue:
+        async def run(fields: dict[str, Any], actor: str) -> None:
+            grace = seconds_field(fields, "grace")
+            await supervisor.drain(grace=grace, actor=actor)
+
+        return await perform("drain", None, run, '{"grace": 10}')
+
+    @app.post("/api/restart")
+    async def restart_app() -> ResponseReturnValue:
+        async def run(fields: dict[str, Any], actor: str) -> None:
+            await supervisor.restart(actor=actor)
+
+        return await perform("restart", None, run, "{}")
+
+    @app.post("/api/escalate")
+    async def escalate_app() -> ResponseReturnValue:
+        async def run(fields: dict[str, Any], actor: str) -> None:
+            await supervisor.escalate(actor=actor)
+
+        return await perform("escalate", None, run, "{}")
+
+    @app.post("/api/extend-grace")
+    async def extend_grace() -> ResponseReturnValue:
+        service = None
+
+        async def run(fields: dict[str, Any], actor: str) -> None:
+            nonlocal service
+            seconds = seconds_field(fields, "seconds", required=True)
+            assert seconds is not None
+            service = text_field(fields, "service")
+            await supervisor.extend_grace(seconds, service, actor=actor)
+
+        return await perform("extend_grace", lambda: service, run, '{"seconds": 30}')
+
+    @app.post(f"/api/services/<name>/<any({', '.join(SERVICE_ACTIONS)}):action>")
+    async def service_action(name: str, action: str) -> ResponseReturnValue:
+        async def run(fields: dict[str, Any], actor: str) -> None:
+            if action == "drain":
+                grace = seconds_field(fields, "grace")
+                await supervisor.drain(name, grace=grace, actor=actor)
+            elif action == "start":
+                await supervisor.start(name, actor=actor)
+            elif action == "restart":
+                await supervisor.restart(name, actor=actor)
+            else:
+                await supervisor.escalate(name, actor=actor)
+
+        example = '{"grace": 10}' if action == "drain" else "{}"
+        return await perform(action, name, run, example)
+
+    async def perform(
+        action: str,
+        service: str | Callable[[], str | None] | None,
+        run: Action,
+        example: str,
+    ) -> ResponseReturnValue:
+        who = f"{g.credential} {remote_address(request)}"
+        status = 202
+        try:
+            fields = await read_fields(request, example)
+            await run(fields, who)
+        except UnknownServiceError as exc:
+            status, message = 404, str(exc)
+        except InvalidTransitionError as exc:
+            status, message = 409, str(exc)
+        except (BodyError, ConfigurationError) as exc:
+            status, message = 400, str(exc)
+        target = service() if callable(service) else service
+        result = "accepted" if status == 202 else f"refused {status}: {message}"
+        audit(action_target(action, target), who, result)
+        if status != 202:
+            return await error_response(request, status, message)
+        if from_plain_form(request):
+            return redirect("/", 303)
+        return json_response(live_snapshot(supervisor), 202)

@@ -1,0 +1,54 @@
+"""The operator's page, and signing in with the token."""
+
+from __future__ import annotations
+
+from quart import Quart, redirect, render_template, request
+from quart.typing import ResponseReturnValue
+from werkzeug.wrappers import Response as WerkzeugResponse
+
+from ._audit import audit, remote_address
+from ._context import dashboard_context
+from ._streams import live_snapshot
+from ._view import page_context
+
+
+def register_pages(app: Quart) -> None:
+    """Add ``/`` and ``/login`` to *app*."""
+    context = dashboard_context(app)
+    guard = context.guard
+    supervisor = context.supervisor
+
+    def signed_in() -> WerkzeugResponse:
+        audit("sign in", f"browser {remote_address(request)}", "accepted")
+        # The redirect drops the token from the address bar and the history.
+        response = redirect("/", 303)
+        response.set_cookie(
+            guard.cookie_name, guard.session, httponly=True, samesite="Strict", path="/"
+        )
+        return response
+
+    async def login_page(message: str | None) -> ResponseReturnValue:
+        if message is not None:
+            audit("sign in", f"unknown {remote_address(request)}", "refused 401: wrong token")
+        html = await render_template("login.html", app=supervisor.name, message=message)
+        return html, 401, {"WWW-Authenticate": 'Bearer realm="nursery_down"'}
+
+    @app.get("/")
+    async def index() -> ResponseReturnValue:
+        token = request.args.get("token")
+        if token is not None:
+            if guard.token_matches(token):
+                return signed_in()
+            return await login_page("That token is not this dashboard's.")
+        if guard.credential(request.headers, request.cookies) is None:
+            return await login_page(None)
+        snapshot = live_snapshot(supervisor)
+        events = [event.to_dict() for event in supervisor.events()]
+        return await render_template("index.html", **page_context(snapshot, events))
+
+    @app.post("/login")
+    async def login() -> ResponseReturnValue:
+        form = await request.form
+        if guard.token_matches(form.get("token", "").strip()):
+            return signed_in()
+        return await login_page("That token is not this dashboard's.")

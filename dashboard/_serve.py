@@ -1,0 +1,162 @@
+"""serve_dashboard(): hypercorn in the supervisor's nursery, ending as soon as it stopped."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from functools import partial
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+from hypercorn.typing import (
+    ASGIFramework,
+    ASGIReceiveCallable,
+    ASGISendCallable,
+    ASGISendEvent,
+    Scope,
+)
+
+from nursery_down import ConfigurationError, Supervisor
+
+from ._address import format_host, open_listening_socket, resolve_address
+from ._app import create_app
+from ._auth import allowed_host_headers
+from ._context import dashboard_context
+
+#: Seconds hypercorn gives unfinished requests once shutdown began.
+GRACEFUL_TIMEOUT = 2.0
+#: Seconds to wait for the event streams to finish before stopping the server anyway
+#: (a stream stuck writing to a peer that stopped reading ends with its connection).
+STREAMS_END_LIMIT = 0.5
+
+server_logger = logging.getLogger("nursery_down.dashboard.server")
+
+
+@dataclass(frozen=True, slots=True)
+class DashboardInfo:
+    """What :func:`serve_dashboard` passes to ``task_status.started()``.
+
+    ``url`` is the base address (``"http://127.0.0.1:43365"``, no trailing slash) and
+    ``token`` the operator token; :attr:`login_url` signs a browser in.
+    """
+
+    url: str
+    token: str
+
+    @property
+    def login_url(self) -> str:
+        """The address that signs a browser in: ``{url}/?token={token}``."""
+        return f"{self.url}/?token={self.token}"
+
+    def __repr__(self) -> str:
+        return f"DashboardInfo(url={self.url!r}, token=<hidden>)"
+
+
+async def serve_dashboard(
+    supervisor: Supervisor,
+    address: str,
+    *,
+    token: str | None = None,
+    allowed_hosts: Iterable[str] | None = None,
+    task_status: trio.TaskStatus[DashboardInfo] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the dashboard and HTTP API of *supervisor* on *address* until it stopped.
+
+    *address* is ``"HOST:PORT"`` (port 0: any free port). The operator token is
+    *token*, else ``$NURSERY_DOWN_TOKEN``, else a new random one. A host other than
+    a loopback address is refused unless a token was given, since anyone who can
+    reach the port could otherwise drain the services. *allowed_hosts* (default:
+    ``$NURSERY_DOWN_ALLOWED_HOSTS``, comma-separated) adds names that the Host header
+    may carry, e.g. when a reverse proxy serves the dashboard.
+
+    Prints one line to stderr with the address to open (with ``?token=`` unless the
+    token came from the caller or the environment) and passes a
+    :class:`DashboardInfo` to ``task_status.started()``. Returns shortly after the
+    supervisor stopped: it ends its own event streams first, then stops hypercorn.
+    """
+    where = await resolve_address(address)
+    given = token or os.environ.get("NURSERY_DOWN_TOKEN") or None
+    if not where.loopback and given is None:
+        raise ConfigurationError(
+            f"refusing to serve the dashboard on {address!r} without NURSERY_DOWN_TOKEN: "
+            "anyone who can reach that address could drain the services; set "
+            "NURSERY_DOWN_TOKEN to a long random secret (e.g. the output of "
+            "python -c 'import secrets; print(secrets.token_urlsafe(32))') or bind 127.0.0.1"
+        )
+    operator_token = given or secrets.token_urlsafe(32)
+    if allowed_hosts is None:
+        allowed_hosts = os.environ.get("NURSERY_DOWN_ALLOWED_HOSTS", "").split(",")
+    sock = open_listening_socket(where)
+    where = replace(where, port=sock.getsockname()[1])
+    app = create_app(
+        supervisor,
+        token=operator_token,
+        allowed_hosts=allowed_host_headers(where, allowed_hosts),
+    )
+    streams = dashboard_context(app).streams
+    url = f"http://{format_host(where.host)}:{where.port}"
+    config = _config(f"fd://{sock.detach()}")
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+        try:
+            await nursery.start(
+                partial(serve, shield_sends(app), config, shutdown_trigger=shutdown.wait)
+            )
+        except* OSError as group:
+            # It arrives nested several exception groups deep: report the first cause.
+            cause: BaseException = group
+            while isinstance(cause, BaseExceptionGroup):
+                cause = cause.exceptions[0]
+            raise ConfigurationError(f"cannot serve the dashboard on {url}: {cause}") from None
+        shown = f"{url}/" if given else f"{url}/?token={operator_token}"
+        # A plain line rather than a log record: log handlers must never see the token.
+        print(f"nursery_down dashboard: {shown}", file=sys.stderr, flush=True)  # noqa: T201
+        task_status.started(DashboardInfo(url=url, token=operator_token))
+        await supervisor.wait_finished()
+        # Open event streams would hold hypercorn's shutdown for its whole graceful
+        # timeout: end them first, then stop the server.
+        streams.close()
+        with trio.move_on_after(STREAMS_END_LIMIT):
+            await streams.wait_all_ended()
+        shutdown.set()
+
+
+def _config(bind: str) -> Config:
+    config = Config()
+    config.bind = [bind]
+    config.accesslog = None  # request lines could carry ?token=
+    if server_logger.level == logging.NOTSET:
+        server_logger.setLevel(logging.WARNING)  # not hypercorn's "Running on ..." line
+    config.errorlog = server_logger
+    config.graceful_timeout = GRACEFUL_TIMEOUT
+    config.include_server_header = False
+    return config
+
+
+def shield_sends(app: ASGIFramework) -> ASGIFramework:
+    """Wrap *app* so that each HTTP ``send()`` runs shielded from cancellation.
+
+    quart-trio cancels its request nursery while hypercorn may still be inside
+    ``send()``; hypercorn then never re-arms its keep-alive idle timer, and an idle
+    keep-alive connection holds shutdown for the whole graceful timeout.
+    """
+
+    async def app_with_shielded_sends(
+        scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+
+        async def shielded_send(message: ASGISendEvent) -> None:
+            with trio.CancelScope(shield=True):
+                await send(message)
+
+        await app(scope, receive, shielded_send)
+
+    return app_with_shielded_sends

@@ -1,0 +1,137 @@
+"""What the page shows, computed from a snapshot: durations, impact lines, which actions apply.
+
+static/app.js computes the same texts in the browser; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+#: Jobs listed per service; the rest are counted as hidden.
+JOBS_SHOWN = 50
+
+#: Events shown in the timeline.
+TIMELINE_LENGTH = 100
+
+
+def duration(seconds: float | None) -> str:
+    """``"42 s"``, ``"3 m 12 s"``, ``"2 h 5 m"``; a dash for None."""
+    if seconds is None or not math.isfinite(seconds):
+        return "-"
+    seconds = max(0.0, seconds)
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    whole = int(seconds)
+    if whole < 60:
+        return f"{whole} s"
+    if whole < 3600:
+        return f"{whole // 60} m {whole % 60} s"
+    return f"{whole // 3600} h {whole % 3600 // 60} m"
+
+
+def clock(timestamp: float) -> str:
+    """Wall-clock time of day, local time, ``"14:03:27"``."""
+    return time.strftime("%H:%M:%S", time.localtime(timestamp))
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def in_flight_summary(in_flight: int, jobs: list[dict[str, Any]], grace: float) -> str:
+    """``"7 jobs in flight, oldest 42 s; 2 will exceed the 30 s grace"``.
+
+    A job already running longer than the grace is counted as one that will exceed
+    it: the jobs listed are the oldest, so the count is exact unless all are listed
+    as exceeding (then it is a lower bound, shown with a ``+``).
+    """
+    if in_flight == 0:
+        return "no jobs in flight"
+    oldest = max((job["age"] for job in jobs), default=None)
+    text = f"{plural(in_flight, 'job')} in flight, oldest {duration(oldest)}"
+    over = sum(1 for job in jobs if job["age"] >= grace)
+    if over:
+        more = "+" if over == len(jobs) and in_flight > len(jobs) else ""
+        text += f"; {over}{more} will exceed the {grace:g} s grace"
+    else:
+        text += f"; grace {grace:g} s"
+    return text
+
+
+def service_impacts(service: dict[str, Any]) -> dict[str, str]:
+    """The line shown before confirming each action on one service."""
+    summary = in_flight_summary(service["in_flight"], service["jobs"], service["grace"])
+    in_flight = service["in_flight"]
+    left = time_left(service.get("grace_deadline"))
+    return {
+        "drain": f"Stops intake now; {summary}.",
+        "start": f"Starts {service['name']} again.",
+        "restart": f"Drains, then starts again; {summary}.",
+        "escalate": (
+            f"Hard-cancels {plural(in_flight, 'job')} in flight now; they go back to their source."
+            if in_flight
+            else "No jobs in flight: stops at once."
+        ),
+        "extend-grace": (
+            f"Moves the hard-cancel deadline later; {plural(in_flight, 'job')} in flight, "
+            f"{duration(left)} left."
+        ),
+    }
+
+
+def app_impacts(snapshot: dict[str, Any]) -> dict[str, str]:
+    """The line shown before confirming each whole-app action."""
+    services = snapshot["services"]
+    in_flight = sum(s["in_flight"] for s in services)
+    jobs = [job for s in services for job in s["jobs"]]
+    summary = in_flight_summary(in_flight, jobs, snapshot["grace"])
+    left = time_left(snapshot.get("grace_deadline"))
+    return {
+        "drain": f"Drains every service in stop order, then the process exits; {summary}.",
+        "restart": f"Restarts every running service in turn; {summary}.",
+        "escalate": (
+            f"Hard-cancels {plural(in_flight, 'job')} in flight now; the process exits."
+            if in_flight
+            else "No jobs in flight: the process exits at once."
+        ),
+        "extend-grace": (f"Moves every drain's hard-cancel deadline later; {duration(left)} left."),
+    }
+
+
+def time_left(deadline: float | None) -> float | None:
+    """Seconds until a wall-clock *deadline*, or None."""
+    return None if deadline is None else deadline - time.time()
+
+
+def event_text(event: dict[str, Any]) -> str:
+    """A timeline line: ``workers: stopped (drained)``, ``app: draining ...``."""
+    message = event["message"]
+    if event["kind"] == "state" and event["service"]:
+        state = event["state"]
+        detail = "" if message == state else f" ({message})"
+        return f"{event['service']}: {state}{detail}"
+    if event["kind"] == "app":
+        return f"app: {message}"
+    return str(message)
+
+
+def job_info(info: dict[str, Any]) -> str:
+    """A job's keyword arguments as ``topic=orders attempt=2``."""
+    return " ".join(f"{key}={value}" for key, value in info.items())
+
+
+def page_context(snapshot: dict[str, Any], events: list[dict[str, Any]]) -> dict[str, Any]:
+    """Everything the page template needs, from a snapshot and the recent events."""
+    return {
+        "snapshot": snapshot,
+        "app_impacts": app_impacts(snapshot),
+        "impacts": {s["name"]: service_impacts(s) for s in snapshot["services"]},
+        "timeline": list(reversed(events[-TIMELINE_LENGTH:])),
+        "now": time.time(),
+        "duration": duration,
+        "clock": clock,
+        "job_info": job_info,
+        "event_text": event_text,
+    }

@@ -1,0 +1,292 @@
+// nursery_down dashboard: keeps the server-rendered page live over server-sent events,
+// and turns the action forms into in-place requests. Data only ever goes through
+// textContent. The texts mirror dashboard/_view.py.
+"use strict";
+
+(() => {
+  const TIMELINE_LENGTH = 100;
+  const connection = document.getElementById("connection");
+  const notice = document.getElementById("notice");
+  const timeline = document.getElementById("timeline");
+
+  let latest = null; // the last snapshot
+  let receivedAt = 0; // performance.now() when it arrived
+  let clockOffset = 0; // server wall clock minus ours, in seconds
+  let retryDelay = 500;
+  let retryTimer = null;
+
+  // -- texts (same as _view.py) ----------------------------------------------------------
+
+  function duration(seconds) {
+    if (seconds === null || seconds === undefined || !Number.isFinite(seconds)) return "-";
+    seconds = Math.max(0, seconds);
+    if (seconds < 10) return `${seconds.toFixed(1)} s`;
+    const whole = Math.floor(seconds);
+    if (whole < 60) return `${whole} s`;
+    if (whole < 3600) return `${Math.floor(whole / 60)} m ${whole % 60} s`;
+    return `${Math.floor(whole / 3600)} h ${Math.floor((whole % 3600) / 60)} m`;
+  }
+
+  function plural(count, noun) {
+    return count === 1 ? `${count} ${noun}` : `${count} ${noun}s`;
+  }
+
+  function clock(timestamp) {
+    return new Date(timestamp * 1000).toLocaleTimeString([], { hour12: false });
+  }
+
+  function fmtGrace(grace) {
+    return String(Number(grace.toPrecision(6)));
+  }
+
+  function inFlightSummary(inFlight, jobs, grace) {
+    if (inFlight === 0) return "no jobs in flight";
+    const oldest = jobs.length ? Math.max(...jobs.map((job) => job.age)) : null;
+    let text = `${plural(inFlight, "job")} in flight, oldest ${duration(oldest)}`;
+    const over = jobs.filter((job) => job.age >= grace).length;
+    if (over) {
+      const more = over === jobs.length && inFlight > jobs.length ? "+" : "";
+      text += `; ${over}${more} will exceed the ${fmtGrace(grace)} s grace`;
+    } else {
+      text += `; grace ${fmtGrace(grace)} s`;
+    }
+    return text;
+  }
+
+  function serviceImpacts(service, left) {
+    const summary = inFlightSummary(service.in_flight, service.jobs, service.grace);
+    const n = service.in_flight;
+    return {
+      drain: `Stops intake now; ${summary}.`,
+      start: `Starts ${service.name} again.`,
+      restart: `Drains, then starts again; ${summary}.`,
+      escalate: n
+        ? `Hard-cancels ${plural(n, "job")} in flight now; they go back to their source.`
+        : "No jobs in flight: stops at once.",
+      "extend-grace": `Moves the hard-cancel deadline later; ${plural(n, "job")} in flight, ${duration(left)} left.`,
+    };
+  }
+
+  function appImpacts(snapshot, jobs, left) {
+    const n = snapshot.services.reduce((sum, s) => sum + s.in_flight, 0);
+    const summary = inFlightSummary(n, jobs, snapshot.grace);
+    return {
+      drain: `Drains every service in stop order, then the process exits; ${summary}.`,
+      restart: `Restarts every running service in turn; ${summary}.`,
+      escalate: n
+        ? `Hard-cancels ${plural(n, "job")} in flight now; the process exits.`
+        : "No jobs in flight: the process exits at once.",
+      "extend-grace": `Moves every drain's hard-cancel deadline later; ${duration(left)} left.`,
+    };
+  }
+
+  // -- rendering ----------------------------------------------------------------------------
+
+  function setText(element, text) {
+    if (element && element.textContent !== text) element.textContent = text;
+  }
+
+  function field(root, name) {
+    return root.querySelector(`[data-field="${name}"]`);
+  }
+
+  function setImpacts(root, impacts) {
+    for (const [name, text] of Object.entries(impacts)) {
+      setText(root.querySelector(`[data-impact="${name}"]`), text);
+    }
+  }
+
+  function renderJobs(card, service, elapsed) {
+    const body = field(card, "jobs");
+    while (body.rows.length > service.jobs.length) body.deleteRow(-1);
+    while (body.rows.length < service.jobs.length) {
+      const row = body.insertRow();
+      for (let i = 0; i < 4; i += 1) row.insertCell();
+    }
+    service.jobs.forEach((job, index) => {
+      const cells = body.rows[index].cells;
+      const info = Object.entries(job.info).map(([k, v]) => `${k}=${v}`).join(" ");
+      setText(cells[0], String(job.key));
+      setText(cells[1], info);
+      setText(cells[2], duration(job.age + elapsed));
+      setText(cells[3], job.time_left === null ? "-" : duration(job.time_left - elapsed));
+    });
+    const hidden = field(card, "jobs_hidden");
+    hidden.hidden = service.jobs_hidden === 0;
+    setText(hidden, `${service.jobs_hidden} more hidden`);
+  }
+
+  function render() {
+    if (!latest) return;
+    const elapsed = (performance.now() - receivedAt) / 1000;
+    const serverNow = Date.now() / 1000 + clockOffset;
+    const snapshot = latest;
+
+    document.body.dataset.appState = snapshot.state;
+    const appState = document.getElementById("app-state");
+    appState.dataset.state = snapshot.state;
+    setText(appState, snapshot.state.toUpperCase());
+    const appLeft = snapshot.grace_deadline === null ? null : snapshot.grace_deadline - serverNow;
+    document.getElementById("app-grace-left").hidden = appLeft === null;
+    setText(document.querySelector('[data-field="app_grace_left"]'), duration(appLeft));
+
+    const allJobs = [];
+    for (const service of snapshot.services) {
+      const aged = service.jobs.map((job) => ({ ...job, age: job.age + elapsed }));
+      allJobs.push(...aged);
+      const card = document.querySelector(`.service[data-service="${CSS.escape(service.name)}"]`);
+      if (!card) continue;
+      card.dataset.state = service.state;
+      setText(field(card, "state"), service.state.toUpperCase());
+      setText(field(card, "in_flight"), String(service.in_flight));
+      const oldest = service.oldest_job_age === null ? null : service.oldest_job_age + elapsed;
+      setText(field(card, "oldest_job_age"), duration(oldest));
+      for (const name of ["completed", "failed", "hard_cancelled", "restarts", "health"]) {
+        setText(field(card, name), String(service[name]));
+      }
+      setText(field(card, "in_state"), duration(serverNow - service.since));
+      const left = service.grace_deadline === null ? null : service.grace_deadline - serverNow;
+      card.querySelector(".grace-left").hidden = left === null;
+      setText(field(card, "grace_left"), duration(left));
+      const error = field(card, "last_error");
+      error.hidden = !service.last_error;
+      setText(error, service.last_error || "");
+      renderJobs(card, service, elapsed);
+      setImpacts(card, serviceImpacts({ ...service, jobs: aged }, left));
+    }
+    setImpacts(document.getElementById("app-actions"), appImpacts(snapshot, allJobs, appLeft));
+  }
+
+  function eventText(event) {
+    if (event.kind === "state" && event.service) {
+      const detail = event.message === event.state ? "" : ` (${event.message})`;
+      return `${event.service}: ${event.state}${detail}`;
+    }
+    return event.kind === "app" ? `app: ${event.message}` : String(event.message);
+  }
+
+  function timelineItem(event) {
+    const item = document.createElement("li");
+    item.dataset.kind = event.kind;
+    const time = document.createElement("time");
+    time.textContent = clock(event.time);
+    const message = document.createElement("span");
+    message.textContent = eventText(event);
+    item.append(time, " ", message);
+    return item;
+  }
+
+  function addEvent(event) {
+    timeline.prepend(timelineItem(event));
+    while (timeline.children.length > TIMELINE_LENGTH) timeline.lastElementChild.remove();
+    if (!latest) return;
+    // State changes show at once; the counts follow in the next snapshot.
+    if (event.kind === "state" && event.service) {
+      const service = latest.services.find((s) => s.name === event.service);
+      if (service) {
+        service.state = event.state;
+        service.since = event.time;
+      }
+    } else if (event.kind === "app" && event.state) {
+      latest.state = event.state;
+    }
+    render();
+  }
+
+  function applySnapshot(snapshot) {
+    latest = snapshot;
+    receivedAt = performance.now();
+    clockOffset = snapshot.server_time - Date.now() / 1000;
+    if (snapshot.events) {
+      timeline.replaceChildren(
+        ...snapshot.events.slice(-TIMELINE_LENGTH).reverse().map(timelineItem),
+      );
+    }
+    render();
+  }
+
+  // -- the live connection -----------------------------------------------------------------
+
+  function setConnection(state, text) {
+    connection.dataset.connection = state;
+    setText(connection, text);
+  }
+
+  function connect() {
+    retryTimer = null;
+    const source = new EventSource("/api/events");
+    source.addEventListener("open", () => {
+      retryDelay = 500;
+      setConnection("live", "Live");
+    });
+    source.addEventListener("snapshot", (message) => applySnapshot(JSON.parse(message.data)));
+    source.addEventListener("event", (message) => addEvent(JSON.parse(message.data)));
+    source.addEventListener("error", () => {
+      source.close();
+      scheduleReconnect();
+    });
+  }
+
+  async function scheduleReconnect() {
+    if (retryTimer !== null) return;
+    let signedOut = false;
+    try {
+      const response = await fetch("/api/snapshot?max_jobs=0", { headers: { Accept: "application/json" } });
+      signedOut = response.status === 401;
+    } catch (error) {
+      // The server is away (restarting or stopped): keep trying.
+    }
+    if (signedOut) {
+      setConnection("offline", "Signed out: open the address with ?token= printed at start.");
+      return;
+    }
+    const seconds = Math.round(retryDelay / 100) / 10;
+    setConnection("reconnecting", `Disconnected; reconnecting in ${seconds} s…`);
+    retryTimer = setTimeout(connect, retryDelay);
+    retryDelay = Math.min(retryDelay * 2, 10000);
+  }
+
+  // -- actions -----------------------------------------------------------------------------
+
+  function showNotice(kind, text) {
+    notice.dataset.kind = kind;
+    notice.hidden = false;
+    setText(notice, text);
+  }
+
+  document.addEventListener("submit", async (submitted) => {
+    const form = submitted.target;
+    if (!(form instanceof HTMLFormElement) || !form.classList.contains("act")) return;
+    submitted.preventDefault();
+    const button = form.querySelector("button");
+    button.disabled = true;
+    const card = form.closest(".service");
+    const target = card ? card.dataset.service : "the whole app";
+    const label = form.dataset.label;
+    try {
+      const response = await fetch(form.action, {
+        method: "POST",
+        body: new URLSearchParams(new FormData(form)),
+        headers: { Accept: "application/json" },
+        credentials: "same-origin",
+      });
+      const body = await response.json().catch(() => null);
+      if (response.ok) {
+        form.closest("details").open = false;
+        showNotice("ok", `${label}: ${target}: accepted.`);
+        if (body) applySnapshot(body);
+      } else {
+        const reason = body && body.error ? body.error : `${response.status} ${response.statusText}`;
+        showNotice("error", `${label}: ${target}: ${reason}`);
+      }
+    } catch (error) {
+      showNotice("error", `${label}: ${target}: the dashboard did not answer (${error.message}).`);
+    } finally {
+      button.disabled = false;
+    }
+  });
+
+  setInterval(render, 1000);
+  setConnection("reconnecting", "Connecting…");
+  connect();
+})();
