@@ -167,6 +167,7 @@ def test_port_in_use_is_one_clear_error(tmp_path: Path) -> None:
     assert code == 2
     assert f"127.0.0.1:{port}: the port is already in use" in stderr
     assert "Traceback" not in stderr
+    assert "-> starting" not in stderr  # refused before any service ran
 
 
 def test_bad_address_is_a_usage_error(tmp_path: Path) -> None:
