@@ -26,6 +26,8 @@ from ._exceptions import InvalidTransitionError as InvalidTransitionError
 from ._exceptions import NurseryDownError as NurseryDownError
 from ._exceptions import UnknownServiceError as UnknownServiceError
 from ._jobs import Job as Job
+from ._notify import serve_notify as serve_notify
+from ._pool import worker_pool as worker_pool
 from ._run import open_supervisor as open_supervisor
 from ._run import run as run
 from ._signals import serve_signals as serve_signals
@@ -61,5 +63,7 @@ __all__ = [
     "UnknownServiceError",
     "open_supervisor",
     "run",
+    "serve_notify",
     "serve_signals",
+    "worker_pool",
 ]

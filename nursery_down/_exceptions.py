@@ -8,7 +8,13 @@ Every error a user can see derives from :class:`NurseryDownError`, so one
     │   └── DependencyCycleError    ``after=`` dependencies that form a cycle
     ├── UnknownServiceError         a control call named a service that does not exist
     ├── InvalidTransitionError      an action that the service's current state does not allow
-    └── DrainingError               a job was entered after its service began draining
+    ├── DrainingError               a job was entered after its service began draining
+    └── QueueError                  a job source cannot do what was asked
+        ├── QueueCorruptError       the queue file is not a queue database, or is damaged
+        ├── QueueLockedError        another process holds the queue file's lock too long
+        ├── QueueUnwritableError    the queue file cannot be created or written
+        ├── PayloadError            a payload cannot be stored (not JSON-able); also a TypeError
+        └── NotLeasedError          ack/release/fail of a job this queue does not hold
 
 Each message says what happened and what to do about it.
 """
@@ -47,4 +53,44 @@ class DrainingError(NurseryDownError):
 
     Take work through ``ctx.intake()``: it stops handing out items the moment a
     drain begins, so a job can never start late.
+    """
+
+
+class QueueError(NurseryDownError):
+    """A job source could not do what was asked; the message says what to do."""
+
+
+class QueueCorruptError(QueueError):
+    """The queue file is not a queue database, or is damaged.
+
+    Nothing is read from it: move it aside (keep it for recovery) and restore a
+    backup, or point the queue at another path.
+    """
+
+
+class QueueLockedError(QueueError):
+    """Another process held the queue file's write lock for longer than the busy timeout.
+
+    Find the process holding it (``fuser PATH``) and end its transaction, or give the
+    queue a longer ``busy_timeout``.
+    """
+
+
+class QueueUnwritableError(QueueError):
+    """The queue file or its folder cannot be created or written.
+
+    Check that the folder exists and that this user may write both the file and the
+    folder (SQLite writes a ``-wal`` and a ``-shm`` file next to it).
+    """
+
+
+class PayloadError(QueueError, TypeError):
+    """A payload cannot be stored: a durable queue stores JSON (dict, list, str, int, float,
+    bool, None)."""
+
+
+class NotLeasedError(QueueError, LookupError):
+    """``ack``/``release``/``fail`` named a job that this queue does not hold as claimed.
+
+    Each claimed job is settled exactly once, by the queue that handed it out.
     """

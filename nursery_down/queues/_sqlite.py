@@ -1,0 +1,725 @@
+"""SQLiteQueue: a durable job source in one SQLite file (stdlib sqlite3, WAL, leases)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import sqlite3
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from types import TracebackType
+from typing import Any, Literal, TypeVar
+
+import trio
+
+from .._exceptions import (
+    ConfigurationError,
+    NotLeasedError,
+    PayloadError,
+    QueueCorruptError,
+    QueueError,
+    QueueLockedError,
+    QueueUnwritableError,
+)
+from ._source import DeadJob, QueuedJob, QueueStatistics, describe_error
+
+T = TypeVar("T")
+
+#: ``PRAGMA application_id`` of a queue file ("ndq1"), so that another program's
+#: SQLite database is never mistaken for an empty queue.
+APPLICATION_ID = 0x6E647131
+#: ``PRAGMA user_version``: the layout of the tables below.
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: history refers to it
+    payload     TEXT    NOT NULL,                   -- JSON
+    state       TEXT    NOT NULL CHECK (state IN ('queued', 'leased')),
+    attempts    INTEGER NOT NULL DEFAULT 0,         -- failed attempts so far
+    enqueued_at REAL    NOT NULL,
+    lease_pid   INTEGER,                            -- the process holding the lease
+    lease_token TEXT,                               -- that process's start token
+    lease_owner TEXT,                               -- the SQLiteQueue object holding it
+    leased_at   REAL,
+    last_error  TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, id);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id          INTEGER PRIMARY KEY,
+    payload     TEXT    NOT NULL,
+    attempts    INTEGER NOT NULL,
+    error       TEXT    NOT NULL,
+    enqueued_at REAL    NOT NULL,
+    died_at     REAL    NOT NULL
+);
+CREATE TABLE IF NOT EXISTS history (
+    seq    INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id INTEGER NOT NULL,
+    event  TEXT    NOT NULL,  -- enqueue, claim, ack, release, fail, dead, recover
+    time   REAL    NOT NULL,  -- time.time() of the process that wrote it
+    pid    INTEGER NOT NULL,  -- the process that wrote it
+    detail TEXT               -- fail and dead: the error, recover: whose lease
+);
+CREATE TABLE IF NOT EXISTS counters (
+    name  TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO counters (name, value) VALUES ('done', 0);
+"""
+
+Synchronous = Literal["FULL", "NORMAL"]
+
+
+class SQLiteQueue:
+    """A durable :class:`JobSource` in one SQLite file: jobs survive any crash.
+
+    ::
+
+        queue = SQLiteQueue("jobs.db", max_attempts=5)
+        await queue.put({"order": 17})
+        sup.add(nd.worker_pool(queue, handle), name="orders")
+
+    **Leases.** A claimed job is leased to the running process (its pid and a token
+    of its start time, so a reused pid is not mistaken for it). When the queue is
+    opened, and every *recover_interval* seconds while claiming, jobs leased by a
+    process that no longer runs go back to the queue. So a SIGKILL at any instant
+    loses nothing: delivery is at-least-once, and the only jobs run twice are those
+    in flight at the kill.
+
+    **Attempts.** ``fail()`` counts an attempt; after *max_attempts* the job moves
+    to the ``dead_letters`` table. ``release()`` and the recovery of a dead
+    process's lease do not count one.
+
+    **History.** Every enqueue, claim, ack, release, fail, dead-letter and recovery
+    is written, in the same transaction as the change, to the ``history`` table
+    (job id, event, ``time.time()``, pid, detail), for audits and chaos checks.
+
+    **Opening.** The file is opened on first use, or explicitly with
+    ``await queue.open()`` / ``async with queue``. A file that is not a queue
+    database (:class:`QueueCorruptError`), that another process keeps locked
+    beyond *busy_timeout* (:class:`QueueLockedError`), or that cannot be written
+    (:class:`QueueUnwritableError`) raises at open: never a silent empty queue.
+
+    **Durability.** *synchronous* ``"FULL"`` (default) makes every change durable
+    against power loss when its call returns; ``"NORMAL"`` is faster and still
+    survives any process crash, but a power loss may undo the last changes.
+
+    **Threads.** Each call runs in a worker thread (``trio.to_thread``), one at a
+    time per queue object, so the trio loop never waits on the disk or a lock.
+    ``claim()`` waits for work without polling the disk in a busy loop: a ``put``
+    through this object wakes it at once, and puts from other processes are seen
+    within *poll_interval* seconds.
+
+    Payloads are stored as JSON: dicts, lists, strings, numbers, booleans and
+    ``None`` (tuples come back as lists). Anything else raises :class:`PayloadError`.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        max_attempts: int = 5,
+        busy_timeout: float = 5.0,
+        poll_interval: float = 0.1,
+        recover_interval: float = 2.0,
+        synchronous: Synchronous = "FULL",
+    ) -> None:
+        if not isinstance(max_attempts, int) or isinstance(max_attempts, bool) or max_attempts < 1:
+            raise ConfigurationError(
+                f"max_attempts must be a whole number >= 1, got {max_attempts!r}"
+            )
+        for what, value in (
+            ("busy_timeout", busy_timeout),
+            ("poll_interval", poll_interval),
+            ("recover_interval", recover_interval),
+        ):
+            if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+                raise ConfigurationError(f"{what} must be a number of seconds >= 0, got {value!r}")
+        if synchronous not in ("FULL", "NORMAL"):
+            raise ConfigurationError(f"synchronous must be 'FULL' or 'NORMAL', got {synchronous!r}")
+        self.path = os.fspath(path)
+        self.max_attempts = max_attempts
+        self.busy_timeout = float(busy_timeout)
+        self.poll_interval = float(poll_interval)
+        self.recover_interval = float(recover_interval)
+        self.synchronous: Synchronous = synchronous
+        self._connection: sqlite3.Connection | None = None
+        self._limiter: trio.CapacityLimiter | None = None
+        self._open_lock: trio.Lock | None = None
+        self._wakeup: trio.Event | None = None
+        self._closed = False
+        self._next_recovery = -math.inf
+        # Who holds a lease: this process (pid + start token) and this object.
+        self._pid = 0
+        self._token = ""
+        self._owner = uuid.uuid4().hex
+
+    # -- opening and closing ------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Open (creating if needed) the file, check it, and requeue orphaned leases.
+
+        Called by the first operation if not called before. Raises
+        :class:`QueueCorruptError`, :class:`QueueLockedError` or
+        :class:`QueueUnwritableError` with what to do.
+        """
+        if self._closed:
+            raise trio.ClosedResourceError("this SQLiteQueue was closed; make a new one")
+        if self._open_lock is None:
+            self._open_lock = trio.Lock()
+            self._limiter = trio.CapacityLimiter(1)
+        async with self._open_lock:
+            if self._connection is not None:
+                return
+            self._pid = os.getpid()
+            self._token = process_token(self._pid) or ""
+            self._connection = await self._call(self._open_sync, opening=True)
+            self._next_recovery = trio.current_time() + self.recover_interval
+
+    async def aclose(self) -> None:
+        """Close the file. Claims return ``None`` from now on; jobs still leased through
+        this object go back to the queue (unstarted, attempt not counted)."""
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._closed = True
+        self._wake()
+        if self._connection is not None:
+            with trio.CancelScope(shield=True):
+                await self._call(self._close_sync)
+            self._connection = None
+        else:
+            await trio.lowlevel.checkpoint()
+
+    async def __aenter__(self) -> SQLiteQueue:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`aclose` was called."""
+        return self._closed
+
+    # -- putting ------------------------------------------------------------------------
+
+    async def put(self, payload: Any) -> int:
+        """Store a job durably and return its id. *payload* must be JSON-able."""
+        (job_id,) = await self.put_many([payload])
+        return job_id
+
+    async def put_many(self, payloads: Iterable[Any]) -> list[int]:
+        """Store one job per payload in one transaction (all or none); return their ids."""
+        texts = [encode_payload(payload) for payload in payloads]
+        await self._ready()
+        ids = await self._call(self._put_sync, texts)
+        self._wake()
+        return ids
+
+    # -- the JobSource protocol ---------------------------------------------------------
+
+    async def claim(self) -> QueuedJob | None:
+        """Wait for a job and lease it to this process; ``None`` once this queue is closed."""
+        if not self._closed:
+            await self._ready()
+        while True:
+            if self._closed:
+                await trio.lowlevel.checkpoint()
+                return None
+            recover = trio.current_time() >= self._next_recovery
+            if recover:
+                self._next_recovery = trio.current_time() + self.recover_interval
+            # Taken before looking, so a put that lands after the look still wakes us.
+            wakeup = self._wakeup_event()
+            # A thread call that started always delivers its result, even when this
+            # task is cancelled meanwhile (the cancellation waits for it), and nothing
+            # here checkpoints between the claim and the return: a claimed job is
+            # never dropped on the floor.
+            job = await self._call(self._claim_sync, recover)
+            if job is not None:
+                # Closed while the claim ran: aclose() releases every lease of this
+                # object after it, this one included, so hand nothing out.
+                return None if self._closed else job
+            with trio.move_on_after(self.poll_interval):
+                await wakeup.wait()
+
+    async def ack(self, job: QueuedJob) -> None:
+        """The job is done: delete it (counted in ``statistics().done``)."""
+        await self._settle(self._ack_sync, job.id)
+
+    async def release(self, job: QueuedJob) -> None:
+        """Put the job back, unstarted; its attempt is not counted."""
+        await self._settle(self._release_sync, job.id)
+        self._wake()
+
+    async def fail(self, job: QueuedJob, error: BaseException | str) -> None:
+        """Count a failed attempt: requeue the job, or dead-letter it after ``max_attempts``."""
+        await self._settle(self._fail_sync, job.id, describe_error(error))
+        self._wake()
+
+    # -- reading ------------------------------------------------------------------------
+
+    async def statistics(self) -> QueueStatistics:
+        """Counts read from the file (other processes' jobs included).
+
+        Async, unlike ``MemoryQueue.statistics()``, because it reads the shared file.
+        """
+        await self._ready()
+        return await self._call(self._statistics_sync)
+
+    async def dead_letters(self) -> list[DeadJob]:
+        """The jobs that failed ``max_attempts`` times, oldest first."""
+        await self._ready()
+        return await self._call(self._dead_letters_sync)
+
+    async def recover(self) -> int:
+        """Requeue jobs leased by processes that no longer run, now; return how many.
+
+        Opening the queue and claiming do this by themselves.
+        """
+        await self._ready()
+        return await self._call(self._recover_sync)
+
+    # -- internals: on the trio thread ----------------------------------------------------
+
+    async def _ready(self) -> None:
+        if self._connection is None:
+            await self.open()
+
+    async def _call(self, function: Callable[..., T], *args: Any, opening: bool = False) -> T:
+        assert self._limiter is not None
+        if not opening and self._connection is None:
+            raise trio.ClosedResourceError("this SQLiteQueue was closed")
+        return await trio.to_thread.run_sync(
+            functools.partial(self._translated, function, *args), limiter=self._limiter
+        )
+
+    async def _settle(self, function: Callable[..., None], *args: Any) -> None:
+        if self._connection is None:
+            if self._closed:
+                raise trio.ClosedResourceError("this SQLiteQueue was closed")
+            await self.open()
+        # Settling is never cut half-way: a job acked, released or failed stays so.
+        with trio.CancelScope(shield=True):
+            await self._call(function, *args)
+
+    def _wakeup_event(self) -> trio.Event:
+        if self._wakeup is None:
+            self._wakeup = trio.Event()
+        return self._wakeup
+
+    def _wake(self) -> None:
+        if self._wakeup is not None:
+            self._wakeup.set()
+            self._wakeup = None
+
+    # -- internals: in the worker thread, one at a time -----------------------------------
+
+    def _translated(self, function: Callable[..., T], *args: Any) -> T:
+        try:
+            return function(*args)
+        except sqlite3.Error as exc:
+            raise translate_error(exc, self.path, self.busy_timeout) from exc
+
+    def _open_sync(self) -> sqlite3.Connection:
+        path = self.path
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise QueueUnwritableError(
+                f"cannot create queue file {path!r}: the folder {folder!r} does not exist; "
+                "create it first, or give a path in an existing folder"
+            )
+        if os.path.isdir(path):
+            raise QueueUnwritableError(
+                f"queue path {path!r} is a folder; give the path of a file, e.g. {path}/jobs.db"
+            )
+        connection = sqlite3.connect(
+            path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
+        )
+        try:
+            self._prepare(connection)
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+    def _prepare(self, connection: sqlite3.Connection) -> None:
+        # Reading the header first: a file that is not SQLite fails here, before
+        # anything is written to it.
+        connection.execute("PRAGMA application_id").fetchone()
+        mode = connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise QueueUnwritableError(
+                f"queue file {self.path!r} cannot use write-ahead logging (journal mode "
+                f"stays {mode!r}); put it on a local disk that allows it"
+            )
+        connection.execute(f"PRAGMA synchronous={self.synchronous}")
+        with _WriteTransaction(connection):
+            application_id = connection.execute("PRAGMA application_id").fetchone()[0]
+            if application_id == 0:
+                tables = connection.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0]
+                if tables:
+                    raise QueueCorruptError(
+                        f"{self.path!r} is an SQLite database of another program, not a job "
+                        "queue; nothing was changed: give the queue a path of its own"
+                    )
+                # One statement at a time: executescript() would commit our transaction.
+                for statement in _SCHEMA.split(";\n"):
+                    if statement.strip():
+                        connection.execute(statement)
+                connection.execute(f"PRAGMA application_id={APPLICATION_ID}")
+                connection.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            elif application_id != APPLICATION_ID:
+                raise QueueCorruptError(
+                    f"{self.path!r} is an SQLite database of another program (application id "
+                    f"{application_id:#x}), not a job queue; give the queue a path of its own"
+                )
+            else:
+                version = connection.execute("PRAGMA user_version").fetchone()[0]
+                if version != SCHEMA_VERSION:
+                    raise QueueCorruptError(
+                        f"queue file {self.path!r} has layout version {version}, this "
+                        f"nursery_down reads version {SCHEMA_VERSION}; upgrade nursery_down"
+                    )
+        self._recover_on(connection)
+
+    def _close_sync(self) -> None:
+        connection = self._connection
+        assert connection is not None
+        try:
+            with _WriteTransaction(connection):
+                ids = [
+                    row[0]
+                    for row in connection.execute(
+                        "SELECT id FROM jobs WHERE state = 'leased' AND lease_owner = ?",
+                        (self._owner,),
+                    )
+                ]
+                if ids:
+                    connection.execute(
+                        "UPDATE jobs SET state = 'queued', lease_pid = NULL, lease_token = NULL,"
+                        " lease_owner = NULL, leased_at = NULL"
+                        " WHERE state = 'leased' AND lease_owner = ?",
+                        (self._owner,),
+                    )
+                    self._log(connection, ids, "release", "queue closed")
+        finally:
+            connection.close()
+
+    def _put_sync(self, texts: list[str]) -> list[int]:
+        connection = self._conn()
+        now = time.time()
+        ids = []
+        with _WriteTransaction(connection):
+            for text in texts:
+                cursor = connection.execute(
+                    "INSERT INTO jobs (payload, state, enqueued_at) VALUES (?, 'queued', ?)",
+                    (text, now),
+                )
+                assert cursor.lastrowid is not None
+                ids.append(cursor.lastrowid)
+            self._log(connection, ids, "enqueue", None, now)
+        return ids
+
+    def _claim_sync(self, recover: bool) -> QueuedJob | None:
+        connection = self._conn()
+        if recover:
+            self._recover_on(connection)
+        # Look first without the write lock: an idle poll never blocks other writers.
+        if (
+            connection.execute("SELECT 1 FROM jobs WHERE state = 'queued' LIMIT 1").fetchone()
+            is None
+        ):
+            return None
+        now = time.time()
+        with _WriteTransaction(connection):
+            row = connection.execute(
+                "SELECT id, payload, attempts FROM jobs WHERE state = 'queued' ORDER BY id LIMIT 1"
+            ).fetchone()
+            if row is None:  # another process took it in between
+                return None
+            job_id, text, attempts = row
+            connection.execute(
+                "UPDATE jobs SET state = 'leased', lease_pid = ?, lease_token = ?,"
+                " lease_owner = ?, leased_at = ? WHERE id = ?",
+                (self._pid, self._token, self._owner, now, job_id),
+            )
+            self._log(connection, [job_id], "claim", None, now)
+        return QueuedJob(job_id, json.loads(text), attempts)
+
+    def _ack_sync(self, job_id: int) -> None:
+        connection = self._conn()
+        with _WriteTransaction(connection):
+            cursor = connection.execute(
+                "DELETE FROM jobs WHERE id = ? AND state = 'leased' AND lease_owner = ?",
+                (job_id, self._owner),
+            )
+            self._require_lease(cursor, job_id, "ack")
+            connection.execute("UPDATE counters SET value = value + 1 WHERE name = 'done'")
+            self._log(connection, [job_id], "ack")
+
+    def _release_sync(self, job_id: int) -> None:
+        connection = self._conn()
+        with _WriteTransaction(connection):
+            cursor = connection.execute(
+                "UPDATE jobs SET state = 'queued', lease_pid = NULL, lease_token = NULL,"
+                " lease_owner = NULL, leased_at = NULL"
+                " WHERE id = ? AND state = 'leased' AND lease_owner = ?",
+                (job_id, self._owner),
+            )
+            self._require_lease(cursor, job_id, "release")
+            self._log(connection, [job_id], "release")
+
+    def _fail_sync(self, job_id: int, error: str) -> None:
+        connection = self._conn()
+        now = time.time()
+        with _WriteTransaction(connection):
+            row = connection.execute(
+                "SELECT payload, attempts, enqueued_at FROM jobs"
+                " WHERE id = ? AND state = 'leased' AND lease_owner = ?",
+                (job_id, self._owner),
+            ).fetchone()
+            if row is None:
+                raise _not_leased(job_id, "fail")
+            text, attempts, enqueued_at = row
+            attempts += 1
+            self._log(connection, [job_id], "fail", error, now)
+            if attempts >= self.max_attempts:
+                connection.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+                connection.execute(
+                    "INSERT INTO dead_letters (id, payload, attempts, error, enqueued_at, died_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (job_id, text, attempts, error, enqueued_at, now),
+                )
+                self._log(connection, [job_id], "dead", error, now)
+            else:
+                connection.execute(
+                    "UPDATE jobs SET state = 'queued', attempts = ?, last_error = ?,"
+                    " lease_pid = NULL, lease_token = NULL, lease_owner = NULL, leased_at = NULL"
+                    " WHERE id = ?",
+                    (attempts, error, job_id),
+                )
+
+    def _statistics_sync(self) -> QueueStatistics:
+        connection = self._conn()
+        # One read transaction, so the four numbers belong to the same instant.
+        with _ReadTransaction(connection):
+            counts = dict(connection.execute("SELECT state, count(*) FROM jobs GROUP BY state"))
+            done = connection.execute("SELECT value FROM counters WHERE name = 'done'").fetchone()
+            dead = connection.execute("SELECT count(*) FROM dead_letters").fetchone()[0]
+        return QueueStatistics(
+            queued=counts.get("queued", 0),
+            leased=counts.get("leased", 0),
+            done=done[0] if done else 0,
+            dead=dead,
+        )
+
+    def _dead_letters_sync(self) -> list[DeadJob]:
+        rows = self._conn().execute(
+            "SELECT id, payload, attempts, error, died_at FROM dead_letters ORDER BY died_at, id"
+        )
+        return [
+            DeadJob(job_id, json.loads(text), attempts, error, died_at)
+            for job_id, text, attempts, error, died_at in rows
+        ]
+
+    def _recover_sync(self) -> int:
+        return self._recover_on(self._conn())
+
+    def _recover_on(self, connection: sqlite3.Connection) -> int:
+        holders = connection.execute(
+            "SELECT DISTINCT lease_pid, lease_token FROM jobs WHERE state = 'leased'"
+        ).fetchall()
+        recovered = 0
+        for pid, token in holders:
+            if (pid, token) == (self._pid, self._token) or process_alive(pid, token):
+                continue
+            with _WriteTransaction(connection):
+                ids = [
+                    row[0]
+                    for row in connection.execute(
+                        "SELECT id FROM jobs WHERE state = 'leased' AND lease_pid = ?"
+                        " AND lease_token IS ?",
+                        (pid, token),
+                    )
+                ]
+                connection.execute(
+                    "UPDATE jobs SET state = 'queued', lease_pid = NULL, lease_token = NULL,"
+                    " lease_owner = NULL, leased_at = NULL"
+                    " WHERE state = 'leased' AND lease_pid = ? AND lease_token IS ?",
+                    (pid, token),
+                )
+                self._log(connection, ids, "recover", f"lease of pid {pid}, which no longer runs")
+            recovered += len(ids)
+        return recovered
+
+    def _conn(self) -> sqlite3.Connection:
+        connection = self._connection
+        if connection is None:
+            raise trio.ClosedResourceError("this SQLiteQueue was closed")
+        return connection
+
+    def _require_lease(self, cursor: sqlite3.Cursor, job_id: int, action: str) -> None:
+        if cursor.rowcount != 1:
+            raise _not_leased(job_id, action)
+
+    def _log(
+        self,
+        connection: sqlite3.Connection,
+        ids: list[int],
+        event: str,
+        detail: str | None = None,
+        now: float | None = None,
+    ) -> None:
+        stamp = time.time() if now is None else now
+        connection.executemany(
+            "INSERT INTO history (job_id, event, time, pid, detail) VALUES (?, ?, ?, ?, ?)",
+            [(job_id, event, stamp, self._pid, detail) for job_id in ids],
+        )
+
+
+def _not_leased(job_id: int, action: str) -> NotLeasedError:
+    return NotLeasedError(
+        f"cannot {action} job {job_id}: this queue does not hold it as claimed "
+        "(was it settled already, or claimed through another SQLiteQueue object?)"
+    )
+
+
+class _WriteTransaction:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``, or ``ROLLBACK`` on any error.
+
+    IMMEDIATE takes the write lock up front (waiting up to the busy timeout), so a
+    transaction never fails half-way because another process wrote meanwhile.
+    """
+
+    __slots__ = ("_connection",)
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self._connection = connection
+
+    def __enter__(self) -> None:
+        self._connection.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if exc_type is None:
+            self._connection.execute("COMMIT")
+        elif self._connection.in_transaction:
+            self._connection.execute("ROLLBACK")
+
+
+class _ReadTransaction(_WriteTransaction):
+    def __enter__(self) -> None:
+        self._connection.execute("BEGIN")
+
+
+def encode_payload(payload: Any) -> str:
+    """The JSON text stored for *payload*, or :class:`PayloadError` saying why not."""
+    try:
+        return json.dumps(payload, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise PayloadError(
+            f"cannot store a payload of type {type(payload).__name__}: {exc}; an SQLiteQueue "
+            "stores JSON (dict, list, str, int, float, bool, None), so convert it first, "
+            "e.g. dataclasses.asdict(obj) or str(value)"
+        ) from None
+
+
+def translate_error(exc: sqlite3.Error, path: str, busy_timeout: float) -> QueueError:
+    """The :class:`QueueError` a user should see for an sqlite3 error on *path*."""
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+        return QueueLockedError(
+            f"queue file {path!r} stayed locked by another process for {busy_timeout:g} s "
+            f"({exc}); find it with `fuser {path}` and end its transaction, or pass a "
+            "longer busy_timeout="
+        )
+    if name.startswith(("SQLITE_NOTADB", "SQLITE_CORRUPT")):
+        return QueueCorruptError(
+            f"queue file {path!r} is not a queue database or is damaged ({exc}); "
+            "move it aside (keep it for recovery) and restore a backup, or use another path"
+        )
+    if name.startswith(
+        (
+            "SQLITE_READONLY",
+            "SQLITE_CANTOPEN",
+            "SQLITE_PERM",
+            "SQLITE_AUTH",
+            "SQLITE_FULL",
+            "SQLITE_IOERR",
+        )
+    ):
+        return QueueUnwritableError(
+            f"cannot write queue file {path!r} ({exc}); check that the folder exists, that "
+            "this user may write the file and the folder (SQLite adds -wal and -shm files "
+            "next to it), and that the disk has space"
+        )
+    return QueueError(f"queue file {path!r}: {exc}")
+
+
+# -- who holds a lease -------------------------------------------------------------------
+
+
+@functools.cache
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as file:
+            return file.read().strip()
+    except OSError:
+        return ""
+
+
+def _linux_start_time(pid: int) -> str | None:
+    """The start time (clock ticks since boot) of a running process, None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as file:
+            stat = file.read()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after the last ")".
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    if fields[0] in (b"Z", b"X"):  # a zombie has finished running: its leases are orphans
+        return None
+    return fields[19].decode()
+
+
+def process_token(pid: int) -> str | None:
+    """A token naming one run of process *pid*, or None if it is not running.
+
+    On Linux it holds the boot id and the process's start time, so a pid reused
+    later (or after a reboot) gets a different token. Elsewhere it is the pid.
+    """
+    if sys.platform.startswith("linux") and os.path.isdir("/proc/self"):
+        start = _linux_start_time(pid)
+        return None if start is None else f"linux:{_boot_id()}:{start}"
+    return f"pid:{pid}" if _pid_exists(pid) else None
+
+
+def process_alive(pid: int | None, token: str | None) -> bool:
+    """True if the process run named by *pid* and *token* is still running."""
+    if pid is None or token is None:
+        return False
+    if token.startswith("linux:"):
+        return process_token(pid) == token
+    return _pid_exists(pid)
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

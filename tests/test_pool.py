@@ -1,0 +1,355 @@
+"""worker_pool under a real Supervisor: claiming, draining, grace, hard-cancel, failures."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+import nursery_down as nd
+from nursery_down.queues import MemoryQueue, QueuedJob, QueueStatistics, SQLiteQueue
+
+
+def stats(queued: int = 0, leased: int = 0, done: int = 0, dead: int = 0) -> QueueStatistics:
+    return QueueStatistics(queued=queued, leased=leased, done=done, dead=dead)
+
+
+class RecordingQueue(MemoryQueue):
+    """A MemoryQueue that notes when each job was claimed."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.claims: list[tuple[float, int]] = []
+
+    async def claim(self) -> QueuedJob | None:
+        job = await super().claim()
+        if job is not None:
+            self.claims.append((trio.current_time(), job.id))
+        return job
+
+    def claim_nowait(self) -> QueuedJob:
+        job = super().claim_nowait()
+        self.claims.append((trio.current_time(), job.id))
+        return job
+
+
+def sleeper(seconds: float, log: list[tuple[str, Any, float]]) -> Any:
+    """A handler that sleeps *seconds* per job, logging start, done or cut."""
+
+    async def handler(job: QueuedJob) -> None:
+        log.append(("start", job.id, trio.current_time()))
+        try:
+            await trio.sleep(seconds)
+        except trio.Cancelled:
+            log.append(("cut", job.id, trio.current_time()))
+            raise
+        log.append(("done", job.id, trio.current_time()))
+
+    return handler
+
+
+def pool_service(sup: nd.Supervisor) -> dict[str, Any]:
+    (service,) = sup.snapshot()["services"]
+    assert isinstance(service, dict)
+    return service
+
+
+def events(log: list[tuple[str, Any, float]], kind: str) -> list[Any]:
+    return [job_id for event, job_id, _ in log if event == kind]
+
+
+async def test_pool_runs_every_job_on_its_workers_and_acks_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    queue = MemoryQueue()
+    queue.put_many_nowait(range(50))
+    queue.close()
+    log: list[tuple[str, Any, float]] = []
+    sup = nd.Supervisor("app")
+    sup.add(nd.worker_pool(queue, sleeper(1, log), workers=5), name="pool", restart="transient")
+    async with nd.open_supervisor(sup) as running:
+        await running.wait_finished()  # the source is closed: the pool returns when it is empty
+    assert trio.current_time() == pytest.approx(10)  # 50 one-second jobs on 5 workers
+    assert sorted(events(log, "done")) == list(range(1, 51))
+    assert queue.statistics() == stats(done=50)
+    service = pool_service(sup)
+    assert (service["completed"], service["failed"], service["hard_cancelled"]) == (50, 0, 0)
+    assert service["state"] == "stopped"
+    assert sup.exit_code == nd.EXIT_OK
+
+
+async def test_jobs_are_in_flight_jobs_of_the_service_and_never_buffered_past_the_workers(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    queue = MemoryQueue()
+    queue.put_many_nowait(range(10))
+    sup = nd.Supervisor("app")
+    sup.add(nd.worker_pool(queue, sleeper(10, []), workers=3), name="pool")
+    async with nd.open_supervisor(sup):
+        assert sup.state_of("pool") is nd.ServiceState.RUNNING
+        await trio.sleep(1)
+        service = pool_service(sup)
+        assert service["in_flight"] == 3
+        assert sorted(job["key"] for job in service["jobs"]) == [1, 2, 3]
+        assert [job["age"] for job in service["jobs"]] == [1, 1, 1]
+        assert [job["deadline"] for job in service["jobs"]] == [None] * 3
+        # Three running, and one the producer holds until a worker is free: no buffer.
+        assert queue.statistics() == stats(queued=6, leased=4)
+        await sup.escalate()
+
+
+async def test_drain_stops_claiming_at_once_and_releases_the_claimed_unstarted_job(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    queue = RecordingQueue()
+    queue.put_many_nowait(range(10))
+    log: list[tuple[str, Any, float]] = []
+    sup = nd.Supervisor("app", grace=30)
+    sup.add(nd.worker_pool(queue, sleeper(10, log), workers=2), name="pool")
+    async with nd.open_supervisor(sup):
+        await trio.sleep(1)
+        assert queue.statistics() == stats(queued=7, leased=3)
+        await sup.drain("pool")
+        await trio.testing.wait_all_tasks_blocked()
+        assert trio.current_time() == pytest.approx(1)
+        # The job the producer held went back at once; only the two running stay out.
+        assert queue.statistics() == stats(queued=8, leased=2)
+        service = pool_service(sup)
+        assert [job["time_left"] for job in service["jobs"]] == [30, 30]
+        await sup.wait_state("pool", nd.ServiceState.STOPPED)
+        # In-flight jobs finished within the grace, then were acked.
+        assert trio.current_time() == pytest.approx(10)
+        assert queue.statistics() == stats(queued=8, done=2)
+    assert [moment for moment, _ in queue.claims] == [0, 0, 0]
+    assert sorted(events(log, "start")) == [1, 2]
+    assert sorted(events(log, "done")) == [1, 2]
+    service = pool_service(sup)
+    assert (service["completed"], service["hard_cancelled"]) == (2, 0)
+    assert sup.exit_code == nd.EXIT_OK
+
+
+async def test_whole_app_drain_lets_jobs_finish_then_exits_zero(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    queue = MemoryQueue()
+    queue.put_many_nowait(range(4))
+    log: list[tuple[str, Any, float]] = []
+    sup = nd.Supervisor("app", grace=30)
+    sup.add(nd.worker_pool(queue, sleeper(5, log), workers=4), name="pool")
+    async with nd.open_supervisor(sup):
+        await trio.sleep(1)
+    # Leaving the block drained the app: the four running jobs finished at t=5.
+    assert trio.current_time() == pytest.approx(5)
+    assert queue.statistics() == stats(done=4)
+    assert sup.exit_code == nd.EXIT_OK
+
+
+async def test_grace_overrun_hard_cancels_and_releases_the_jobs(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    queue = MemoryQueue()
+    queue.put_many_nowait(range(5))
+    log: list[tuple[str, Any, float]] = []
+    sup = nd.Supervisor("app", grace=2)
+    sup.add(nd.worker_pool(queue, sleeper(10, log), workers=2), name="pool")
+    async with nd.open_supervisor(sup):
+        await trio.sleep(1)
+        await sup.drain("pool")
+        await sup.wait_state("pool", nd.ServiceState.STOPPED)
+        assert trio.current_time() == pytest.approx(3)
+    assert sorted((job_id, moment) for event, job_id, moment in log if event == "cut") == [
+        (1, 3),
+        (2, 3),
+    ]
+    service = pool_service(sup)
+    assert (service["completed"], service["failed"], service["hard_cancelled"]) == (0, 0, 2)
+    assert service["in_flight"] == 0
+    # Back in the queue, unstarted as far as attempts go.
+    assert queue.statistics() == stats(queued=5)
+    claimed = sorted((queue.claim_nowait() for _ in range(5)), key=lambda job: job.id)
+    assert claimed == [QueuedJob(i, i - 1, 0) for i in range(1, 6)]
+    assert sup.exit_code == nd.EXIT_HARD_CANCELLED
+
+
+async def test_escalate_hard_cancels_running_jobs_now(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    queue = MemoryQueue()
+    queue.put_many_nowait(range(3))
+    sup = nd.Supervisor("app", grace=30)
+    sup.add(nd.worker_pool(queue, sleeper(10, []), workers=3), name="pool")
+    async with nd.open_supervisor(sup):
+        await trio.sleep(1)
+        await sup.drain("pool")
+        await trio.sleep(1)
+        await sup.escalate("pool")
+        await sup.wait_state("pool", nd.ServiceState.STOPPED)
+        assert trio.current_time() == pytest.approx(2)
+    assert pool_service(sup)["hard_cancelled"] == 3
+    assert queue.statistics() == stats(queued=3)
+
+
+async def test_extend_grace_moves_the_running_jobs_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    queue = MemoryQueue()
+    queue.put_many_nowait(range(2))
+    sup = nd.Supervisor("app", grace=2)
+    sup.add(nd.worker_pool(queue, sleeper(5, []), workers=2), name="pool")
+    async with nd.open_supervisor(sup):
+        await trio.sleep(1)
+        await sup.drain("pool")
+        await trio.sleep(1)
+        await sup.extend_grace(10, "pool")
+        assert [job["time_left"] for job in pool_service(sup)["jobs"]] == [11, 11]
+        await sup.wait_state("pool", nd.ServiceState.STOPPED)
+        assert trio.current_time() == pytest.approx(5)
+    assert (pool_service(sup)["completed"], pool_service(sup)["hard_cancelled"]) == (2, 0)
+    assert queue.statistics() == stats(done=2)
+
+
+async def test_handler_error_fails_the_job_dead_letters_it_and_the_pool_keeps_running(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    queue = MemoryQueue(max_attempts=3)
+    queue.put_many_nowait(["ok", "poison", "ok", "ok"])
+    attempts: list[int] = []
+
+    async def handler(job: QueuedJob) -> None:
+        await trio.sleep(1)
+        if job.payload == "poison":
+            attempts.append(job.attempts)
+            raise ValueError("cannot handle this one")
+
+    sup = nd.Supervisor("app")
+    sup.add(nd.worker_pool(queue, handler, workers=2), name="pool")
+    async with nd.open_supervisor(sup):
+        await trio.sleep(10)
+        assert queue.statistics() == stats(done=3, dead=1)
+        assert attempts == [0, 1, 2]
+        (dead,) = queue.dead_letters()
+        assert (dead.payload, dead.attempts, dead.error) == (
+            "poison",
+            3,
+            "ValueError: cannot handle this one",
+        )
+        service = pool_service(sup)
+        assert (service["state"], service["restarts"]) == ("running", 0)
+        assert (service["completed"], service["failed"]) == (3, 3)
+        queue.put_nowait("after the errors")
+        await trio.sleep(2)
+        assert queue.statistics() == stats(done=4, dead=1)
+
+
+async def test_a_retried_job_shows_its_attempt_on_the_dashboard(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    queue = MemoryQueue()
+    queue.put_nowait("flaky")
+
+    async def handler(job: QueuedJob) -> None:
+        if job.attempts == 0:
+            raise RuntimeError("first try fails")
+        await trio.sleep(10)
+
+    sup = nd.Supervisor("app")
+    sup.add(nd.worker_pool(queue, handler, workers=1), name="pool")
+    async with nd.open_supervisor(sup):
+        await trio.sleep(1)
+        assert [job["info"] for job in pool_service(sup)["jobs"]] == [{"attempt": 2}]
+        await sup.escalate()
+
+
+async def test_a_job_claimed_as_the_drain_begins_is_released_not_started(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    queue = MemoryQueue()
+    log: list[tuple[str, Any, float]] = []
+    sup = nd.Supervisor("app")
+    sup.add(nd.worker_pool(queue, sleeper(1, log), workers=2), name="pool")
+    async with nd.open_supervisor(sup):
+        await trio.sleep(1)  # the producer waits in claim(), the workers in receive()
+        queue.put_nowait("just in time")  # wakes the producer...
+        await sup.drain("pool")  # ...but the drain begins in the same instant
+        await sup.wait_state("pool", nd.ServiceState.STOPPED)
+    assert log == []
+    assert queue.statistics() == stats(queued=1)
+    assert pool_service(sup)["completed"] == 0
+
+
+async def test_a_handler_that_swallows_the_deadline_still_gets_its_job_settled(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    queue = MemoryQueue()
+    queue.put_nowait("stubborn")
+
+    async def handler(job: QueuedJob) -> None:
+        # Wrong, but it must not leave the job half-settled.
+        with contextlib.suppress(trio.Cancelled):
+            await trio.sleep(10)
+
+    sup = nd.Supervisor("app", grace=1)
+    sup.add(nd.worker_pool(queue, handler, workers=1), name="pool")
+    async with nd.open_supervisor(sup):
+        await trio.sleep(1)
+        await sup.drain("pool")
+        await sup.wait_state("pool", nd.ServiceState.STOPPED)
+    assert queue.statistics() == stats(done=1)
+    assert pool_service(sup)["completed"] == 1
+
+
+async def test_pool_over_a_sqlite_queue(tmp_path: Path) -> None:
+    done: list[int] = []
+
+    async def handler(job: QueuedJob) -> None:
+        await trio.sleep(0.01)
+        done.append(job.payload)
+
+    async with SQLiteQueue(tmp_path / "jobs.db", synchronous="NORMAL") as queue:
+        await queue.put_many(range(30))
+        sup = nd.Supervisor("app")
+        sup.add(nd.worker_pool(queue, handler, workers=5), name="pool")
+        with trio.fail_after(20):
+            async with nd.open_supervisor(sup):
+                while (await queue.statistics()).done < 30:
+                    await trio.sleep(0.05)
+        assert sorted(done) == list(range(30))
+        assert await queue.statistics() == stats(done=30)
+    assert sup.exit_code == nd.EXIT_OK
+
+
+def test_worker_pool_names_its_service_function() -> None:
+    async def handler(job: QueuedJob) -> None:
+        pass
+
+    assert nd.worker_pool(MemoryQueue(), handler).__name__ == "worker_pool"
+    sup = nd.Supervisor("app")
+    sup.add(nd.worker_pool(MemoryQueue(), handler, name="orders"))
+    assert sup.service_names == ["orders"]
+
+
+@pytest.mark.parametrize(
+    ("source", "handler", "workers", "message"),
+    [
+        (object(), "async", 1, "needs a job source"),
+        (MemoryQueue(), "sync", 1, "must be an async function"),
+        (MemoryQueue(), "async", 0, "workers must be"),
+        (MemoryQueue(), "async", 2.5, "workers must be"),
+    ],
+)
+def test_worker_pool_rejects_bad_arguments(
+    source: Any, handler: str, workers: Any, message: str
+) -> None:
+    async def async_handler(job: QueuedJob) -> None:
+        pass
+
+    def sync_handler(job: QueuedJob) -> None:
+        pass
+
+    chosen = async_handler if handler == "async" else sync_handler
+    with pytest.raises(nd.ConfigurationError, match=message):
+        nd.worker_pool(source, chosen, workers=workers)  # type: ignore[arg-type]

@@ -1,0 +1,475 @@
+"""SQLiteQueue on real files: operations, leases, orphans, dead letters, history, open errors.
+
+Real clock throughout: the queue works in threads, which a mock clock would skip past.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from nursery_down.queues import (
+    JobSource,
+    NotLeasedError,
+    PayloadError,
+    QueueCorruptError,
+    QueuedJob,
+    QueueLockedError,
+    QueueStatistics,
+    QueueUnwritableError,
+    SQLiteQueue,
+)
+
+
+def stats(queued: int = 0, leased: int = 0, done: int = 0, dead: int = 0) -> QueueStatistics:
+    return QueueStatistics(queued=queued, leased=leased, done=done, dead=dead)
+
+
+def history(path: Path) -> list[tuple[int, str]]:
+    """(job id, event) of every history row, oldest first, read as a checker would."""
+    with sqlite3.connect(path) as connection:
+        return list(connection.execute("SELECT job_id, event FROM history ORDER BY seq"))
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "jobs.db"
+
+
+async def claim(queue: SQLiteQueue) -> QueuedJob:
+    with trio.fail_after(5):
+        job = await queue.claim()
+    assert job is not None
+    return job
+
+
+# -- a process that holds a lease ------------------------------------------------------------
+
+HOLDER = textwrap.dedent(
+    """
+    import os, signal, sys, trio
+    from nursery_down.queues import SQLiteQueue
+
+    async def main():
+        queue = SQLiteQueue(sys.argv[1])
+        job = await queue.claim()
+        print(job.id, flush=True)
+        if sys.argv[2] == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        await trio.sleep_forever()
+
+    trio.run(main)
+    """
+)
+
+
+@pytest.fixture
+def holder(db: Path) -> Iterator[subprocess.Popen[str]]:
+    """Start a process that claims one job from *db* and then waits, holding its lease."""
+    processes: list[subprocess.Popen[str]] = []
+
+    def start(mode: str) -> tuple[subprocess.Popen[str], int]:
+        process = subprocess.Popen(
+            [sys.executable, "-c", HOLDER, str(db), mode], stdout=subprocess.PIPE, text=True
+        )
+        processes.append(process)
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert line, "the lease holder exited before claiming"
+        return process, int(line)
+
+    yield start  # type: ignore[misc]
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=10)
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+# -- basic operations ---------------------------------------------------------------------
+
+
+async def test_sqlite_queue_is_a_job_source(db: Path) -> None:
+    assert isinstance(SQLiteQueue(db), JobSource)
+
+
+async def test_put_claim_ack_with_statistics_and_history(db: Path) -> None:
+    async with SQLiteQueue(db) as queue:
+        assert await queue.put({"order": 17}) == 1
+        assert await queue.put_many(["b", 3, [1, 2], None]) == [2, 3, 4, 5]
+        assert await queue.statistics() == stats(queued=5)
+        job = await claim(queue)
+        assert job == QueuedJob(1, {"order": 17}, 0)
+        assert await queue.statistics() == stats(queued=4, leased=1)
+        await queue.ack(job)
+        assert await queue.statistics() == stats(queued=4, done=1)
+    assert history(db) == [
+        *[(job_id, "enqueue") for job_id in range(1, 6)],
+        (1, "claim"),
+        (1, "ack"),
+    ]
+
+
+async def test_history_rows_carry_time_and_pid(db: Path) -> None:
+    before = time.time()
+    async with SQLiteQueue(db) as queue:
+        await queue.put("x")
+    with sqlite3.connect(db) as connection:
+        ((stamp, pid),) = connection.execute("SELECT time, pid FROM history")
+    assert before <= stamp <= time.time()
+    assert pid == os.getpid()
+
+
+async def test_jobs_survive_closing_and_reopening(db: Path) -> None:
+    async with SQLiteQueue(db) as queue:
+        await queue.put_many(["a", "b"])
+        await queue.ack(await claim(queue))
+    async with SQLiteQueue(db) as queue:
+        assert await queue.statistics() == stats(queued=1, done=1)
+        assert await claim(queue) == QueuedJob(2, "b", 0)
+
+
+async def test_ids_are_never_reused(db: Path) -> None:
+    async with SQLiteQueue(db) as queue:
+        await queue.put("a")
+        await queue.ack(await claim(queue))
+        assert await queue.put("b") == 2
+
+
+async def test_payloads_round_trip_as_json(db: Path) -> None:
+    payload = {"text": "héllo", "n": 1.5, "list": [1, None, True], "nested": {"a": []}}
+    async with SQLiteQueue(db) as queue:
+        await queue.put(payload)
+        await queue.put((1, 2))
+        assert (await claim(queue)).payload == payload
+        assert (await claim(queue)).payload == [1, 2]
+
+
+@pytest.mark.parametrize("payload", [object(), {"when": time}, float("nan"), {1j: 2}])
+async def test_a_payload_that_is_not_json_raises_payload_error(db: Path, payload: object) -> None:
+    async with SQLiteQueue(db) as queue:
+        with pytest.raises(PayloadError, match="stores JSON") as caught:
+            await queue.put(payload)
+        assert isinstance(caught.value, TypeError)
+        # All or none: one bad payload stores none of its batch.
+        with pytest.raises(PayloadError):
+            await queue.put_many(["fine", payload])
+        assert await queue.statistics() == stats()
+
+
+async def test_release_requeues_without_counting_an_attempt(db: Path) -> None:
+    async with SQLiteQueue(db) as queue:
+        await queue.put_many(["a", "b"])
+        job = await claim(queue)
+        await queue.release(job)
+        assert await queue.statistics() == stats(queued=2)
+        assert await claim(queue) == QueuedJob(1, "a", 0)
+    assert (1, "release") in history(db)
+
+
+async def test_fail_counts_attempts_then_dead_letters(db: Path) -> None:
+    async with SQLiteQueue(db, max_attempts=3) as queue:
+        await queue.put({"poison": True})
+        for attempt in range(3):
+            job = await claim(queue)
+            assert job.attempts == attempt
+            await queue.fail(job, ValueError(f"bad {attempt}"))
+        assert await queue.statistics() == stats(dead=1)
+        (dead,) = await queue.dead_letters()
+        assert (dead.id, dead.payload, dead.attempts, dead.error) == (
+            1,
+            {"poison": True},
+            3,
+            "ValueError: bad 2",
+        )
+    events = [event for _, event in history(db)]
+    assert events == ["enqueue", *["claim", "fail"] * 3, "dead"]
+    with sqlite3.connect(db) as connection:
+        assert connection.execute("SELECT id, attempts FROM dead_letters").fetchall() == [(1, 3)]
+        assert connection.execute("SELECT count(*) FROM jobs").fetchone() == (0,)
+
+
+@pytest.mark.parametrize("action", ["ack", "release", "fail"])
+async def test_settling_a_job_twice_raises_not_leased(db: Path, action: str) -> None:
+    async with SQLiteQueue(db) as queue:
+        await queue.put("x")
+        job = await claim(queue)
+        await queue.ack(job)
+
+        async def fail_again(job: QueuedJob) -> None:
+            await queue.fail(job, "again")
+
+        settle = {"ack": queue.ack, "release": queue.release, "fail": fail_again}[action]
+        with pytest.raises(NotLeasedError, match=f"cannot {action} job 1"):
+            await settle(job)
+        assert await queue.statistics() == stats(done=1)
+
+
+async def test_a_lease_belongs_to_the_queue_object_that_claimed_it(db: Path) -> None:
+    async with SQLiteQueue(db) as first, SQLiteQueue(db) as second:
+        await first.put("x")
+        job = await claim(first)
+        with pytest.raises(NotLeasedError):
+            await second.ack(job)
+        # Same live process: the other object must not treat the lease as orphaned.
+        assert await second.recover() == 0
+        await first.ack(job)
+
+
+# -- waiting and cancelling ----------------------------------------------------------------
+
+
+async def test_claim_is_woken_by_a_put_through_the_same_object(db: Path) -> None:
+    # A long poll interval: only the wake-up can make this quick.
+    async with SQLiteQueue(db, poll_interval=30) as queue:
+        got: list[QueuedJob] = []
+
+        async def claimer() -> None:
+            got.append(await claim(queue))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(claimer)
+            await trio.sleep(0.2)
+            started = trio.current_time()
+            await queue.put("x")
+        assert trio.current_time() - started < 1.0
+        assert got == [QueuedJob(1, "x", 0)]
+
+
+async def test_claim_sees_puts_from_elsewhere_within_the_poll_interval(db: Path) -> None:
+    async with SQLiteQueue(db, poll_interval=0.05) as queue, SQLiteQueue(db) as other:
+        got: list[QueuedJob] = []
+
+        async def claimer() -> None:
+            got.append(await claim(queue))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(claimer)
+            await trio.sleep(0.2)
+            started = trio.current_time()
+            await other.put("from elsewhere")
+        assert trio.current_time() - started < 1.0
+        assert got[0].payload == "from elsewhere"
+
+
+async def test_cancelled_claim_claims_nothing(db: Path) -> None:
+    async with SQLiteQueue(db, poll_interval=0.01) as queue:
+        with trio.move_on_after(0.2):
+            await queue.claim()
+        await queue.put("x")
+        for _ in range(20):  # cancel at many different instants of the claim
+            with trio.move_on_after(0):
+                await queue.claim()
+        statistics = await queue.statistics()
+        # A claim that had already started its thread delivers its job; none is lost.
+        assert statistics.queued + statistics.leased == 1
+
+
+async def test_closing_releases_leases_and_ends_claims(db: Path) -> None:
+    queue = SQLiteQueue(db)
+    await queue.put_many(["a", "b"])
+    await claim(queue)
+    await queue.aclose()
+    assert queue.closed
+    assert await queue.claim() is None
+    with pytest.raises(trio.ClosedResourceError):
+        await queue.put("c")
+    await queue.aclose()  # idempotent
+    async with SQLiteQueue(db) as again:
+        assert await again.statistics() == stats(queued=2)
+    assert history(db)[-1] == (1, "release")
+
+
+async def test_close_wakes_a_waiting_claim(db: Path) -> None:
+    queue = SQLiteQueue(db, poll_interval=30)
+    results: list[QueuedJob | None] = []
+
+    async def claimer() -> None:
+        results.append(await queue.claim())
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(claimer)
+            await trio.sleep(0.2)
+            await queue.aclose()
+    assert results == [None]
+
+
+# -- leases of other processes -----------------------------------------------------------------
+
+
+async def test_lease_of_a_killed_process_is_requeued_at_open(db: Path, holder: object) -> None:
+    async with SQLiteQueue(db) as queue:
+        await queue.put_many(["a", "b"])
+    process, job_id = holder("kill")  # type: ignore[operator]
+    assert process.wait(timeout=10) == -signal.SIGKILL
+    with sqlite3.connect(db) as connection:
+        assert connection.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone() == (
+            "leased",
+        )
+    async with SQLiteQueue(db) as queue:
+        assert await queue.statistics() == stats(queued=2)
+        assert await claim(queue) == QueuedJob(1, "a", 0)  # no attempt counted
+    with sqlite3.connect(db) as connection:
+        rows = connection.execute(
+            "SELECT job_id, pid, detail FROM history WHERE event = 'recover'"
+        ).fetchall()
+    assert rows == [(job_id, os.getpid(), f"lease of pid {process.pid}, which no longer runs")]
+
+
+async def test_lease_of_a_live_process_is_left_alone(db: Path, holder: object) -> None:
+    async with SQLiteQueue(db) as queue:
+        await queue.put_many(["a", "b"])
+    process, job_id = holder("hold")  # type: ignore[operator]
+    async with SQLiteQueue(db) as queue:
+        assert await queue.recover() == 0
+        assert await queue.statistics() == stats(queued=1, leased=1)
+        assert (await claim(queue)).id != job_id
+        process.kill()
+        process.wait(timeout=10)
+        assert await queue.recover() == 1
+
+
+async def test_orphans_are_found_while_claiming(db: Path, holder: object) -> None:
+    async with SQLiteQueue(db, recover_interval=0.1, poll_interval=0.05) as queue:
+        await queue.put("only")
+        process, job_id = holder("hold")  # type: ignore[operator]
+        assert await queue.statistics() == stats(leased=1)
+        process.kill()
+        process.wait(timeout=10)
+        started = trio.current_time()
+        assert (await claim(queue)).id == job_id
+        assert trio.current_time() - started < 2.0
+
+
+async def test_a_reused_pid_is_not_mistaken_for_the_lease_owner(db: Path) -> None:
+    async with SQLiteQueue(db) as queue:
+        await queue.put("x")
+    # A lease held by an earlier process that had our pid: same pid, other start token.
+    with sqlite3.connect(db) as connection:
+        connection.execute(
+            "UPDATE jobs SET state = 'leased', lease_pid = ?, lease_token = ?,"
+            " lease_owner = 'gone'",
+            (os.getpid(), "linux:an-earlier-boot:12345"),
+        )
+    async with SQLiteQueue(db) as queue:
+        assert await queue.statistics() == stats(queued=1)
+
+
+async def test_a_zombie_does_not_hold_leases(db: Path, holder: object) -> None:
+    async with SQLiteQueue(db) as queue:
+        await queue.put("x")
+    process, _ = holder("hold")  # type: ignore[operator]
+    os.kill(process.pid, signal.SIGKILL)
+    # Not reaped yet: the pid still exists, as a zombie.
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{process.pid}/stat").read_text().split(")")[1].split()[0] != "Z":
+        assert time.monotonic() < deadline
+        await trio.sleep(0.01)
+    async with SQLiteQueue(db) as queue:
+        assert await queue.statistics() == stats(queued=1)
+
+
+# -- errors at open ---------------------------------------------------------------------------
+
+
+async def test_a_file_of_garbage_gives_a_corrupt_error_and_is_left_untouched(db: Path) -> None:
+    garbage = bytes(range(256)) * 64
+    db.write_bytes(garbage)
+    with pytest.raises(
+        QueueCorruptError, match=r"not a queue database or is damaged.*move it aside"
+    ):
+        await SQLiteQueue(db).open()
+    assert db.read_bytes() == garbage
+
+
+async def test_another_programs_database_is_not_used_as_a_queue(db: Path) -> None:
+    with sqlite3.connect(db) as connection:
+        connection.execute("CREATE TABLE customers (name TEXT)")
+    connection.close()
+    with pytest.raises(QueueCorruptError, match="another program"):
+        await SQLiteQueue(db).open()
+    with sqlite3.connect(db) as connection:
+        tables = connection.execute("SELECT name FROM sqlite_schema").fetchall()
+    connection.close()
+    assert tables == [("customers",)]
+
+
+async def test_a_file_locked_beyond_the_busy_timeout_gives_a_locked_error(db: Path) -> None:
+    async with SQLiteQueue(db) as queue:
+        await queue.put("x")
+    other = sqlite3.connect(db, isolation_level=None)
+    try:
+        other.execute("BEGIN EXCLUSIVE")
+        started = time.monotonic()
+        with pytest.raises(QueueLockedError, match=r"locked by another process for 0.3 s.*fuser"):
+            await SQLiteQueue(db, busy_timeout=0.3).open()
+        assert time.monotonic() - started >= 0.3
+    finally:
+        other.close()
+    async with SQLiteQueue(db) as queue:  # usable again once the lock is gone
+        assert await queue.statistics() == stats(queued=1)
+
+
+async def test_a_missing_folder_gives_an_unwritable_error(tmp_path: Path) -> None:
+    with pytest.raises(QueueUnwritableError, match="does not exist; create it first"):
+        await SQLiteQueue(tmp_path / "no-such-folder" / "jobs.db").open()
+
+
+async def test_a_folder_path_gives_an_unwritable_error(tmp_path: Path) -> None:
+    with pytest.raises(QueueUnwritableError, match="is a folder"):
+        await SQLiteQueue(tmp_path).open()
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc")
+async def test_a_folder_where_no_file_can_be_created_gives_an_unwritable_error() -> None:
+    # Even root cannot create a file in /proc.
+    with pytest.raises(QueueUnwritableError, match=r"cannot write queue file.*may write"):
+        await SQLiteQueue("/proc/self/jobs.db").open()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write read-only files and folders")
+async def test_a_read_only_folder_gives_an_unwritable_error(tmp_path: Path) -> None:
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        with pytest.raises(QueueUnwritableError, match="may write"):
+            await SQLiteQueue(folder / "jobs.db").open()
+    finally:
+        folder.chmod(0o700)
+
+
+async def test_operations_open_the_file_on_first_use(db: Path) -> None:
+    queue = SQLiteQueue(db)
+    assert not db.exists()
+    await queue.put("x")
+    assert db.exists()
+    await queue.aclose()
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("max_attempts", 0),
+        ("busy_timeout", -1),
+        ("poll_interval", float("inf")),
+        ("synchronous", "OFF"),
+    ],
+)
+def test_bad_options_are_configuration_errors(db: Path, option: str, value: object) -> None:
+    from nursery_down import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match=option):
+        SQLiteQueue(db, **{option: value})  # type: ignore[arg-type]
