@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
 
 import trio
 
@@ -33,8 +36,40 @@ async def serve_signals(
         ) from None
     with receiver as signals:
         task_status.started()
+        if _held:
+            # Signals that arrived before the receiver opened were held, not lost:
+            # apply them as soon as the supervisor runs.
+            while not supervisor.running:
+                await supervisor._changed.wait()
+            while _held:
+                dispatch_signal(supervisor, _held.pop(0))
         async for signum in signals:
             dispatch_signal(supervisor, signum)
+
+
+_held: list[int] = []
+
+
+def _hold(signum: int, frame: FrameType | None) -> None:
+    _held.append(signum)
+
+
+@contextmanager
+def holding_signals() -> Iterator[None]:
+    """Hold SIGTERM, SIGINT and SIGHUP while no receiver owns them.
+
+    Around the whole run: a signal that arrives before :func:`serve_signals` opened
+    its receiver is replayed to it, and one that arrives after the receiver closed
+    (while the program is already exiting) is ignored, instead of killing the
+    process with the default action or raising KeyboardInterrupt.
+    """
+    previous = {signum: signal.signal(signum, _hold) for signum in HANDLED_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        _held.clear()
 
 
 def dispatch_signal(supervisor: Supervisor, signum: int) -> None:
