@@ -54,6 +54,21 @@ def build_parser() -> argparse.ArgumentParser:
         "omitted when the file has exactly one)",
     )
     run.add_argument("--grace", type=_seconds, metavar="S", help="grace period in seconds")
+    run.add_argument(
+        "--outer-deadline",
+        type=_positive_seconds,
+        metavar="S",
+        help="seconds the service manager waits after SIGTERM before it kills "
+        "(TimeoutStopSec, terminationGracePeriodSeconds); warns at start when the drain "
+        "does not fit (default: $NURSERY_DOWN_OUTER_DEADLINE)",
+    )
+    run.add_argument(
+        "--pre-drain",
+        type=_seconds,
+        metavar="S",
+        help="on SIGTERM, report draining (/readyz 503) but keep serving this long before "
+        "the drain begins (default: $NURSERY_DOWN_PRE_DRAIN, else the supervisor's)",
+    )
     dashboard = run.add_mutually_exclusive_group()
     dashboard.add_argument(
         "--dashboard",
@@ -94,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     extend.add_argument("seconds", type=_seconds, metavar="SECONDS")
     extend.add_argument("service", nargs="?", metavar="SERVICE", help="default: the whole app")
     add_connection(extend)
+    from .testing._chaos import add_chaos_command
+
+    add_chaos_command(commands)
     return parser
 
 
@@ -112,6 +130,13 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text!r}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
     return value
 
 
@@ -182,6 +207,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "run":
         return _run(args)
+    if args.command == "chaos":
+        from .testing._chaos import run_chaos
+
+        return run_chaos(args)
     return _operate(args)
 
 
@@ -194,7 +223,13 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigurationError as exc:
         print(f"nursery-down: error: {exc}", file=sys.stderr)  # noqa: T201
         return EXIT_USAGE
-    return run(supervisor, dashboard=args.dashboard, grace=args.grace)
+    return run(
+        supervisor,
+        dashboard=args.dashboard,
+        grace=args.grace,
+        outer_deadline=args.outer_deadline,
+        pre_drain=args.pre_drain,
+    )
 
 
 def _operate(args: argparse.Namespace) -> int:

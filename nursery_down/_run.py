@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib
 import logging
@@ -10,8 +11,10 @@ from contextlib import asynccontextmanager
 
 import trio
 
+from ._budget import check_seconds, grace_budget, seconds_from_environ
 from ._exceptions import ConfigurationError, NurseryDownError
-from ._signals import serve_signals
+from ._notify import serve_notify
+from ._signals import holding_signals, serve_signals
 from ._spec import _require_finite
 from ._supervisor import EXIT_FAILED, EXIT_HARD_CANCELLED, EXIT_USAGE, Supervisor
 
@@ -24,20 +27,54 @@ async def open_supervisor(
     *,
     dashboard: str | None = None,
     handle_signals: bool = False,
+    notify: bool = False,
+    outer_deadline: float | None = None,
+    pre_drain: float | None = None,
 ) -> AsyncIterator[Supervisor]:
     """Run *supervisor* inside an existing trio program for the duration of the block.
 
     The block starts once every service is ready. Leaving it normally drains the
     whole app and waits for it to stop; leaving it with an exception hard-cancels
     in-flight work first. *dashboard* (``"HOST:PORT"``) serves the dashboard in the
-    same nursery; *handle_signals* makes SIGTERM/SIGINT/SIGHUP drive the supervisor.
+    same nursery; *handle_signals* makes SIGTERM/SIGINT/SIGHUP drive the supervisor;
+    *notify* reports to systemd over ``$NOTIFY_SOCKET`` when it is set
+    (:func:`nursery_down.serve_notify`).
+
+    *pre_drain* sets the supervisor's pre-drain delay (seconds). *outer_deadline* is
+    how long whatever stops the program waits after SIGTERM before it kills it
+    (systemd's TimeoutStopSec, Kubernetes' terminationGracePeriodSeconds): when the
+    pre-drain delay, the grace and the stop margin do not fit inside it, a warning
+    goes to the log and to the snapshot's ``warnings``.
     """
+    if pre_drain is not None:
+        supervisor.pre_drain = check_seconds("pre-drain delay", pre_drain)
     supervisor.check()
+    if outer_deadline is not None:
+        budget = grace_budget(
+            outer_deadline,
+            grace=supervisor.grace,
+            pre_drain=supervisor.pre_drain,
+            services=len(supervisor.service_names),
+        )
+        warning = budget.warning()
+        if warning is None:
+            logger.info(
+                "grace budget: %s fits inside the outer deadline of %g s",
+                budget.describe(),
+                budget.outer_deadline,
+            )
+        else:
+            logger.warning("%s", warning)
+            if warning not in supervisor._warnings:
+                supervisor._warnings.append(warning)
     async with trio.open_nursery() as outer:
         if handle_signals:
             # First, and last to go: no signal may arrive unowned while services start
             # or while the dashboard shuts down.
             await outer.start(serve_signals, supervisor)
+        if notify:
+            # Subscribed before the services start, so it sees every one of them.
+            await outer.start(serve_notify, supervisor)
         async with trio.open_nursery() as inner:
             if dashboard is not None:
                 # Before the services: /readyz answers 503 while they start, and a bad
@@ -81,6 +118,9 @@ def run(
     dashboard: str | None = None,
     grace: float | None = None,
     handle_signals: bool = True,
+    notify: bool = True,
+    outer_deadline: float | None = None,
+    pre_drain: float | None = None,
 ) -> int:
     """Run *supervisor* until it drains, and return the process exit code.
 
@@ -91,14 +131,38 @@ def run(
     Exit codes: 0 every job finished; 3 drained, but some jobs were hard-cancelled
     (grace exceeded or escalated); 1 a service FAILED or the program crashed;
     2 a usage or configuration error.
+
+    Under systemd (``$NOTIFY_SOCKET`` set) it reports readiness, status, reloads and
+    the drain unless *notify* is false. *outer_deadline* (default:
+    ``$NURSERY_DOWN_OUTER_DEADLINE``) and *pre_drain* (default:
+    ``$NURSERY_DOWN_PRE_DRAIN``, else the supervisor's own) are as for
+    :func:`open_supervisor`.
     """
     if grace is not None:
         _require_finite("grace", grace, minimum=0.0)
         supervisor.grace = float(grace)
+    if outer_deadline is not None:
+        check_seconds("outer deadline", outer_deadline, positive=True)
+    if pre_drain is not None:
+        check_seconds("pre-drain delay", pre_drain)
 
     async def main() -> int:
+        # Read here, so that a bad value is logged and becomes exit code 2.
+        deadline = outer_deadline
+        if deadline is None:
+            deadline = seconds_from_environ(
+                "NURSERY_DOWN_OUTER_DEADLINE", "outer deadline", positive=True
+            )
+        delay = pre_drain
+        if delay is None:
+            delay = seconds_from_environ("NURSERY_DOWN_PRE_DRAIN", "pre-drain delay")
         async with open_supervisor(
-            supervisor, dashboard=dashboard, handle_signals=handle_signals
+            supervisor,
+            dashboard=dashboard,
+            handle_signals=handle_signals,
+            notify=notify,
+            outer_deadline=deadline,
+            pre_drain=delay,
         ) as running:
             # Everything allocated while starting lives as long as the program: keep it
             # out of the collector's way, so full collections stay short (they are
@@ -113,7 +177,8 @@ def run(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        return trio.run(main)
+        with holding_signals() if handle_signals else contextlib.nullcontext():
+            return trio.run(main)
     except BaseException as exc:  # every failure becomes an exit code
         return _exit_code_for(exc)
 

@@ -82,6 +82,12 @@ class Supervisor:
     *grace* is how long in-flight jobs may keep running once a drain begins.
     *max_restarts*, *within* and *backoff* are defaults for every service; each
     service may override them. *seed* makes the backoff jitter reproducible.
+
+    *pre_drain* delays a whole-app drain: once it is asked for, the app reports
+    ``draining`` at once (``/readyz`` answers 503) while every service keeps serving
+    for *pre_drain* seconds, so that load balancers stop sending it traffic; then the
+    drain proper begins in stop order, and the grace counts from there. An escalate
+    (or a second SIGTERM/SIGINT, which escalates) ends the delay at once.
     """
 
     def __init__(
@@ -93,14 +99,18 @@ class Supervisor:
         within: float = 60.0,
         backoff: Backoff | None = None,
         seed: int | None = None,
+        pre_drain: float = 0.0,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigurationError(
                 "a supervisor needs a non-empty name, e.g. Supervisor('orders')"
             )
         _require_finite("grace", grace, minimum=0.0)
+        _require_finite("pre_drain", pre_drain, minimum=0.0)
         self.name = name
         self.grace = float(grace)
+        #: Seconds a whole-app drain keeps every service serving before it begins.
+        self.pre_drain = float(pre_drain)
         self._default_max_restarts = max_restarts
         self._default_within = within
         self._backoff = backoff
@@ -115,6 +125,11 @@ class Supervisor:
         self._finished = trio.Event()
         self._exit_code: int | None = None
         self._rolling_restart = False
+        # Open while a whole-app drain waits out its pre-drain delay.
+        self._pre_drain_scope: trio.CancelScope | None = None
+        self._pre_drain_extension = 0.0
+        # Shown in the snapshot: e.g. a grace that does not fit the outer kill deadline.
+        self._warnings: list[str] = []
 
     # -- defining services ------------------------------------------------------------
 
@@ -388,6 +403,8 @@ class Supervisor:
         self._action("extend_grace", name, actor, seconds=seconds)
         if name is None and self._app_state == "draining":
             self._app_deadline += seconds
+            if self._pre_drain_scope is not None:
+                self._pre_drain_extension += seconds  # for services not draining yet
         for record in draining:
             assert record.context is not None
             assert record.scope is not None
@@ -410,7 +427,9 @@ class Supervisor:
         """The whole state as plain JSON-able data (the schema of ``GET /api/snapshot``).
 
         *max_jobs* caps the job list of each service, oldest first; ``jobs_hidden``
-        says how many were left out.
+        says how many were left out. ``warnings`` lists what was found wrong at start
+        (a grace that does not fit the outer kill deadline); ``pre_drain_until`` is the
+        wall-clock end of a pre-drain delay under way, else None.
         """
         try:
             now = trio.current_time()
@@ -466,6 +485,7 @@ class Supervisor:
                 }
             )
         app_draining = self._app_state == "draining"
+        pre_drain = self._pre_drain_scope
         return {
             "app": self.name,
             "pid": os.getpid(),
@@ -475,6 +495,14 @@ class Supervisor:
             "grace_deadline": wall(self._app_deadline) if app_draining else None,
             "exit_code": self._exit_code,
             "services": services,
+            "pre_drain": self.pre_drain,
+            # When services stop serving: the end of a pre-drain delay under way.
+            "pre_drain_until": (
+                wall(pre_drain.deadline)
+                if pre_drain is not None and not pre_drain.cancel_called
+                else None
+            ),
+            "warnings": list(self._warnings),
         }
 
     # -- internals: lifecycle ----------------------------------------------------------
@@ -528,6 +556,11 @@ class Supervisor:
         self._hub.publish("app", message, state=state)
         logger.info("app %s: %s", self.name, message)
         self._wake()
+
+    def _app_event(self, message: str, **detail: Any) -> None:
+        """Something happened to the whole app that leaves its state as it is."""
+        self._hub.publish("app", message, state=self._app_state, detail=detail)
+        logger.info("app %s: %s", self.name, message)
 
     def _action(self, action: str, name: str | None, actor: str, **detail: Any) -> None:
         target = f"service {name}" if name else "the whole app"
@@ -652,27 +685,51 @@ class Supervisor:
             assert record.backoff_scope is not None
             record.backoff_scope.cancel()
 
-    def _begin_app_drain(self, grace: float | None) -> None:
+    def _begin_app_drain(self, grace: float | None, *, delay: float | None = None) -> None:
         if self._app_state in ("draining", "stopped"):
             return
         assert self._nursery is not None
-        self._app_deadline = trio.current_time() + (self.grace if grace is None else grace)
-        self._set_app_state("draining", "draining every service in stop order")
+        delay = self.pre_drain if delay is None else delay
+        now = trio.current_time()
+        # The grace counts from the end of the pre-drain delay.
+        self._app_deadline = now + delay + (self.grace if grace is None else grace)
+        if delay > 0:
+            self._pre_drain_scope = trio.CancelScope(deadline=now + delay)
+            self._set_app_state(
+                "draining",
+                f"draining: every service keeps serving for {delay:g} s (pre-drain delay) "
+                "while load balancers stop sending traffic, then drains in stop order",
+            )
+        else:
+            self._set_app_state("draining", "draining every service in stop order")
         self._nursery.start_soon(self._drain_in_stop_order, name="drain in stop order")
 
     async def _drain_in_stop_order(self) -> None:
+        scope = self._pre_drain_scope
+        if scope is not None:
+            with scope:
+                await trio.sleep_forever()
+            self._pre_drain_scope = None
+            early = trio.current_time() < scope.deadline
+            over = "cut short by an escalate" if early else "over"
+            self._app_event(
+                f"pre-drain delay {over}: draining every service in stop order", pre_drain="ended"
+            )
         for record in reversed(self._order):
             record.held = True
-            deadline = min(self._app_deadline, trio.current_time() + self._grace_of(record, None))
+            grace = self._grace_of(record, None) + self._pre_drain_extension
+            deadline = min(self._app_deadline, trio.current_time() + grace)
             self._drain_service(record, deadline)
             while record.state in ACTIVE_STATES:
                 await self._changed.wait()
         self._finish()
 
     def _escalate_app(self) -> None:
-        self._begin_app_drain(0.0)
+        self._begin_app_drain(0.0, delay=0.0)
         now = trio.current_time()
         self._app_deadline = min(self._app_deadline, now)
+        if self._pre_drain_scope is not None:
+            self._pre_drain_scope.cancel()
         for record in self._order:
             if record.state is ServiceState.DRAINING:
                 self._drain_service(record, now)
@@ -703,20 +760,27 @@ class Supervisor:
             return
         assert self._nursery is not None
         self._rolling_restart = True
+        self._app_event("restarting every service in turn", rolling_restart=True)
         self._nursery.start_soon(self._restart_in_turn, name="rolling restart")
 
     async def _restart_in_turn(self) -> None:
+        outcome = "every service restarted"
         try:
             for record in self._order:
                 if self._app_state == "draining":
+                    outcome = "rolling restart ended by the drain"
                     return
                 if record.held:
                     continue  # stopped on purpose by an operator: leave it stopped
                 self._begin_restart(record)
                 while record.restart_pending:
                     await self._changed.wait()
+        except BaseException:
+            outcome = "rolling restart cancelled"
+            raise
         finally:
             self._rolling_restart = False
+            self._app_event(outcome, rolling_restart=False)
 
     def _check_finished(self) -> None:
         if self._app_state != "running":

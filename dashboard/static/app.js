@@ -8,6 +8,7 @@
   const connection = document.getElementById("connection");
   const notice = document.getElementById("notice");
   const timeline = document.getElementById("timeline");
+  const warnings = document.getElementById("warnings");
 
   let latest = null; // the last snapshot
   let receivedAt = 0; // performance.now() when it arrived
@@ -116,8 +117,25 @@
     setText(hidden, `${service.jobs_hidden} more hidden`);
   }
 
+  // Problems found at start (a grace that does not fit the outer kill deadline).
+  function renderWarnings(list) {
+    const texts = (list || []).map((text) => `Warning: ${text}`);
+    warnings.hidden = texts.length === 0;
+    const shown = Array.from(warnings.children, (item) => item.textContent.trim());
+    if (shown.length === texts.length && shown.every((text, i) => text === texts[i])) return;
+    warnings.replaceChildren(
+      ...texts.map((text) => {
+        const item = document.createElement("p");
+        item.className = "error";
+        item.textContent = text;
+        return item;
+      }),
+    );
+  }
+
   function render() {
     if (!latest) return;
+    renderWarnings(latest.warnings);
     const elapsed = (performance.now() - receivedAt) / 1000;
     const serverNow = Date.now() / 1000 + clockOffset;
     const snapshot = latest;
