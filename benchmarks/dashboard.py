@@ -23,6 +23,7 @@ The load generator is a trio program on raw sockets, in this process.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -122,6 +123,7 @@ async def serve_for_throughput(workers: int) -> None:
         shutdown = trio.Event()
         bare_port = await nursery.start(serve_bare, shutdown)
         dashboard_port = int(info.url.rsplit(":", 1)[1])
+        gc.freeze()  # as nd.run does once every service started
         print(json.dumps({"dashboard": dashboard_port, "bare": bare_port}), flush=True)
         await sup.wait_finished()
         shutdown.set()

@@ -8,18 +8,17 @@ to replay the seed a failure names.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from nursery_down._cli import _Parser
-from nursery_down.testing._chaos import add_chaos_command, run_chaos
+from nursery_down._cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = f"{ROOT / 'examples' / 'queue_worker.py'}:sup"
@@ -38,12 +37,8 @@ FAST = [
 
 
 def chaos(*argv: str) -> int:
-    """Parse and run ``nursery-down chaos ARGV...`` in this process."""
-    parser = _Parser(prog="nursery-down")
-    commands = parser.add_subparsers(dest="command", parser_class=_Parser)
-    add_chaos_command(commands)
-    args: argparse.Namespace = parser.parse_args(["chaos", *argv])
-    return run_chaos(args)
+    """Run ``nursery-down chaos ARGV...`` through the command's own entry point, in process."""
+    return main(["chaos", *argv])
 
 
 @pytest.mark.parametrize(
@@ -78,8 +73,7 @@ def test_no_target_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_signals_are_case_insensitive_and_may_name_sig() -> None:
-    parser = _Parser(prog="nursery-down")
-    add_chaos_command(parser.add_subparsers(dest="command", parser_class=_Parser))
+    parser = build_parser()
     args = parser.parse_args(["chaos", "x.py:sup", "--signal=sigterm+term", "--signal=kill"])
     assert args.signals == ["TERM+TERM", "KILL"]
     assert args.after == (0.5, 2.0)
@@ -203,3 +197,20 @@ def test_hup_then_term_and_a_command_line_target(
     out = capsys.readouterr().out
     assert code == 0, out
     assert "HUP" in out.splitlines()[1]
+
+
+def test_the_installed_command_runs_chaos(tmp_path: Path) -> None:
+    report_path = tmp_path / "report.json"
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "nursery_down", "chaos", WORKER, "--runs=2"),
+            *("--signal=TERM", f"--seed={SEED}", *FAST, f"--json={report_path}"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(report_path.read_text())
+    assert (report["runs"], report["lost"]) == (2, 0)
