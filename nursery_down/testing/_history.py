@@ -11,7 +11,7 @@ from two places, merged by time:
   the queue writes in the same transaction as each change, plus its ``jobs`` table:
   jobs still waiting there at the end are *pending*, not lost.
 
-:func:`check_history` then says, in the manner of Jepsen's queue checker, which jobs
+:func:`check_history` then says which jobs
 were lost, run more than once, never enqueued, or started after a drain signal, and
 how long each process took to exit after its signal.
 """
