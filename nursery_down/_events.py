@@ -6,10 +6,11 @@ import collections
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any, Literal
 
 import trio
+
+from ._closing import ClosesOnExit
 
 #: ``state``: a service changed state. ``action``: someone asked for drain/start/...
 #: ``signal``: the process received a signal. ``app``: the application as a whole changed.
@@ -95,7 +96,7 @@ class EventHub:
         self._subscriptions.discard(subscription)
 
 
-class Subscription:
+class Subscription(ClosesOnExit):
     """An async iterator of :class:`Event` objects; also a context manager that unsubscribes.
 
     ::
@@ -146,14 +147,3 @@ class Subscription:
             self._wakeup = trio.Event()
             await self._wakeup.wait()
         return self._queue.popleft()
-
-    def __enter__(self) -> Subscription:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

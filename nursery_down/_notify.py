@@ -25,12 +25,12 @@ import math
 import os
 import socket
 import time
-from types import TracebackType
 from typing import Any
 
 import trio
 
 from ._budget import STOP_MARGIN_PER_SERVICE
+from ._closing import ClosesOnExit
 from ._events import Event
 from ._supervisor import Supervisor
 
@@ -40,7 +40,7 @@ logger = logging.getLogger("nursery_down")
 STATUS_INTERVAL = 1.0
 
 
-class Notifier:
+class Notifier(ClosesOnExit):
     """Sends notify messages to one socket address; never blocks, never raises.
 
     *address* is a filesystem path, or ``@name`` for the abstract namespace. A
@@ -87,17 +87,6 @@ class Notifier:
                 self.address,
                 reason,
             )
-
-    def __enter__(self) -> Notifier:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def watchdog_interval() -> float | None:

@@ -13,9 +13,9 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any, TypeVar
 
+from .._closing import ClosesOnExit
 from ._history import (
     HISTORY_ENV,
     CheckReport,
@@ -317,7 +317,7 @@ class Target:
             return None
 
 
-class ChaosHarness:
+class ChaosHarness(ClosesOnExit):
     """Run target programs in a folder of their own, signal them, and check their history.
 
     ::
@@ -429,14 +429,3 @@ class ChaosHarness:
                 target.stop(grace=5.0)
         finally:
             self.recorder.close()
-
-    def __enter__(self) -> ChaosHarness:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

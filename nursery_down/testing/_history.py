@@ -26,9 +26,9 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Final, TypeAlias
 
+from .._closing import ClosesOnExit
 from ..queues._source import JobSource, QueuedJob
 
 #: A job's id: what its source calls it (an ``int`` for the bundled queues).
@@ -121,7 +121,7 @@ class History:
 # -- recording ----------------------------------------------------------------------------
 
 
-class HistoryRecorder:
+class HistoryRecorder(ClosesOnExit):
     """Appends events to a JSON-lines history file, one ``os.write`` each.
 
     Each call returns once its line is in the kernel: a SIGKILL of the recording
@@ -162,17 +162,6 @@ class HistoryRecorder:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-
-    def __enter__(self) -> HistoryRecorder:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _write(self, record: dict[str, Any]) -> None:
         if self._fd is None:
