@@ -259,7 +259,16 @@ async def test_intake_over_any_async_iterable_stops_on_drain(
     assert seen == [1, 2, 3]
 
 
-async def test_intake_releases_an_item_that_arrives_as_the_drain_begins() -> None:
+@pytest.mark.parametrize(
+    ("with_release", "expected"),
+    [
+        (True, ([], ["racing"])),  # handed back to its source
+        (False, (["racing"], [])),  # still runs as a job: never dropped
+    ],
+)
+async def test_an_item_arriving_as_the_drain_begins_is_never_dropped(
+    with_release: bool, expected: tuple[list[str], list[str]]
+) -> None:
     sup = nd.Supervisor("late")
     send, receive = trio.open_memory_channel[str](0)
     released: list[str] = []
@@ -268,7 +277,7 @@ async def test_intake_releases_an_item_that_arrives_as_the_drain_begins() -> Non
     @sup.service
     async def consumer(ctx: nd.ServiceContext) -> None:
         ctx.ready()
-        async for item in ctx.intake(receive, release=released.append):
+        async for item in ctx.intake(receive, release=released.append if with_release else None):
             async with ctx.job(item):
                 started.append(item)
 
@@ -280,28 +289,7 @@ async def test_intake_releases_an_item_that_arrives_as_the_drain_begins() -> Non
             send.send_nowait("racing")
             await sup.drain("consumer")
             await sup.wait_state("consumer", S.STOPPED)
-    assert (started, released) == ([], ["racing"])
-
-
-async def test_without_release_a_racing_item_still_runs_and_is_not_lost() -> None:
-    sup = nd.Supervisor("late-no-release")
-    send, receive = trio.open_memory_channel[str](0)
-    started: list[str] = []
-
-    @sup.service
-    async def consumer(ctx: nd.ServiceContext) -> None:
-        ctx.ready()
-        async for item in ctx.intake(receive):
-            async with ctx.job(item):
-                started.append(item)
-
-    with trio.fail_after(5):
-        async with nd.open_supervisor(sup):
-            await trio.testing.wait_all_tasks_blocked()
-            send.send_nowait("racing")
-            await sup.drain("consumer")
-            await sup.wait_state("consumer", S.STOPPED)
-    assert started == ["racing"]
+    assert (started, released) == expected
 
 
 async def test_entering_a_job_after_the_drain_began_raises() -> None:
