@@ -25,6 +25,7 @@ import os
 from dataclasses import dataclass
 
 from ._exceptions import ConfigurationError
+from ._spec import is_finite_number
 
 #: Seconds allowed for each service to stop once its jobs are over; see the module doc.
 STOP_MARGIN_PER_SERVICE = 1.0
@@ -98,13 +99,7 @@ def grace_budget(
 
 def check_seconds(what: str, value: object, *, positive: bool = False) -> float:
     """*value* as float seconds; :class:`ConfigurationError` unless finite and >= 0 (> 0)."""
-    if (
-        not isinstance(value, int | float)
-        or isinstance(value, bool)
-        or not math.isfinite(value)
-        or value < 0
-        or (positive and value == 0)
-    ):
+    if not is_finite_number(value) or value < 0 or (positive and value == 0):
         bound = "> 0" if positive else ">= 0"
         raise ConfigurationError(
             f"the {what} must be a finite number of seconds {bound}, got {value!r}"

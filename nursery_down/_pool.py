@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 from collections.abc import Awaitable, Callable
@@ -13,7 +12,7 @@ import trio
 from ._context import ServiceContext
 from ._exceptions import ConfigurationError
 from ._jobs import Job
-from ._spec import ServiceFunction
+from ._spec import ServiceFunction, is_async_function
 from .queues._source import JobSource, QueuedJob
 
 logger = logging.getLogger("nursery_down")
@@ -72,7 +71,7 @@ def worker_pool(
             f"worker_pool needs a job source (claim, ack, release, fail), got "
             f"{type(source).__name__}; use nursery_down.queues.MemoryQueue or SQLiteQueue"
         )
-    if not _is_async_callable(handler):
+    if not is_async_function(handler):
         raise ConfigurationError(
             f"worker_pool's handler {getattr(handler, '__name__', handler)!r} must be an "
             "async function: async def handler(job) -> None"
@@ -263,12 +262,3 @@ def _fast_path(source: JobSource, name: str) -> Callable[..., Any] | None:
     """
     method = getattr(source, name, None)
     return method if callable(method) else None
-
-
-def _is_async_callable(function: object) -> bool:
-    target = function
-    while hasattr(target, "func"):  # functools.partial
-        target = target.func
-    if inspect.iscoroutinefunction(target):
-        return True
-    return inspect.iscoroutinefunction(getattr(target, "__call__", None))  # noqa: B004

@@ -7,7 +7,7 @@ import math
 import random
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING, Literal, TypeGuard, get_args
 
 from ._exceptions import ConfigurationError
 
@@ -78,7 +78,7 @@ def make_spec(
     backoff: Backoff | None,
 ) -> ServiceSpec:
     """Validate a service definition and freeze it, with an error that says what to fix."""
-    if not callable(function) or not _is_async_function(function):
+    if not callable(function) or not is_async_function(function):
         raise ConfigurationError(
             f"service {getattr(function, '__name__', function)!r} must be an async function "
             "taking a ServiceContext (define it with 'async def')"
@@ -116,8 +116,8 @@ def make_spec(
     )
 
 
-def _is_async_function(function: object) -> bool:
-    # functools.partial and callable objects wrapping an async function count too.
+def is_async_function(function: object) -> bool:
+    """True for an async function, or a partial of one, or an object with async ``__call__``."""
     target = function
     while hasattr(target, "func"):
         target = target.func
@@ -127,13 +127,13 @@ def _is_async_function(function: object) -> bool:
     return inspect.iscoroutinefunction(call)
 
 
+def is_finite_number(value: object) -> TypeGuard[int | float]:
+    """True for an int or float that is neither infinite nor NaN (and not a bool)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _require_finite(what: str, value: object, *, minimum: float) -> None:
-    if (
-        not isinstance(value, int | float)
-        or isinstance(value, bool)
-        or not math.isfinite(value)
-        or value < minimum
-    ):
+    if not is_finite_number(value) or value < minimum:
         raise ConfigurationError(f"{what} must be a number >= {minimum:g}, got {value!r}")
 
 

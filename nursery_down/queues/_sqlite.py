@@ -25,6 +25,7 @@ from .._exceptions import (
     QueueLockedError,
     QueueUnwritableError,
 )
+from .._spec import is_finite_number
 from ._source import DeadJob, QueuedJob, QueueStatistics, describe_error
 
 T = TypeVar("T")
@@ -138,7 +139,7 @@ class SQLiteQueue:
             ("poll_interval", poll_interval),
             ("recover_interval", recover_interval),
         ):
-            if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+            if not is_finite_number(value) or value < 0:
                 raise ConfigurationError(f"{what} must be a number of seconds >= 0, got {value!r}")
         if synchronous not in ("FULL", "NORMAL"):
             raise ConfigurationError(f"synchronous must be 'FULL' or 'NORMAL', got {synchronous!r}")
