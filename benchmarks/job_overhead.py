@@ -5,13 +5,20 @@ fills and then closes, in a fresh ``trio.run`` each time:
 
 - raw: ``async for item in channel: work()``;
 - raw + shield: the same with ``with trio.CancelScope(shield=True): work()``, the
-  least any design with its own shield per job can cost (the ceiling for ours);
-- nursery_down: one service of a real Supervisor whose workers do
-  ``async for item in ctx.intake(channel): async with ctx.job(item): work()``.
+  least a design that enters a new cancel scope per job can cost;
+- nursery_down: one service of a real Supervisor whose 20 workers, started with
+  ``ctx.run_workers``, do
+  ``async for item in ctx.intake(channel): async with ctx.job(item): work()``;
+- own tasks: the same workers started in a nursery of the service's own, where
+  each job enters a shielded scope of its own;
+- intake only: the ``ctx.run_workers`` workers reading through ``ctx.intake()``
+  with no job block, which shows what intake costs.
 
-``work()`` is either nothing (the cost of the machinery alone) or 100 us of busy
-CPU work. The sides alternate, several rounds each; medians are reported, with the
-ratio of job rates and the overhead per job, ``1/rate_nd - 1/rate_raw``.
+``work()`` is either nothing (the cost of the machinery alone) or about 100 us of
+pure-Python CPU work (a loop calibrated at start-up). Each round runs every side
+once, in alternating order; a side's ratio is the median over the rounds of its
+rate divided by the raw pool's rate in the same round, which cancels slow drifts in
+machine speed. The overhead per job is ``(1/ratio - 1) / rate_raw``.
 
 Rates are jobs per CPU-second of this process (``time.process_time``) unless
 ``--clock wall`` is given: on a shared machine, time spent waiting for a CPU would
@@ -37,8 +44,10 @@ import nursery_down as nd
 
 WORKERS = 20
 BUSY_SECONDS = 100e-6
-#: The clock every side is timed with, and the busy work spins on (see --clock).
+#: The clock every side is timed with (see --clock).
 clock: Callable[[], float] = time.process_time
+#: Iterations of the busy loop that take BUSY_SECONDS (see calibrate()).
+busy_loops = 0
 
 
 def trivial() -> None:
@@ -46,9 +55,27 @@ def trivial() -> None:
 
 
 def busy() -> None:
-    end = clock() + BUSY_SECONDS
-    while clock() < end:
+    for _ in range(busy_loops):
         pass
+
+
+def calibrate() -> int:
+    """How many iterations of busy()'s loop take BUSY_SECONDS on this machine.
+
+    The work is a plain Python loop, like a handler's own code, rather than a loop
+    spinning on a clock. Reading the process CPU clock is a system call, and with
+    jobs made mostly of system calls the per-job cost of every side, even of a bare
+    cancel scope, measured about twice what it is with trivial jobs.
+    """
+    global busy_loops
+    estimates = []
+    for _ in range(5):
+        busy_loops = 100_000
+        started = time.perf_counter()
+        busy()
+        estimates.append(BUSY_SECONDS / (time.perf_counter() - started) * 100_000)
+    busy_loops = int(statistics.median(estimates))
+    return busy_loops
 
 
 Work = Callable[[], None]
@@ -98,7 +125,21 @@ def _run_pool(
 
 
 def run_nursery_down(jobs: int, work: Work) -> float:
-    """Seconds a Supervisor's service takes to run *jobs* jobs through intake + job."""
+    """Seconds a Supervisor's service takes to run *jobs* jobs in ``ctx.run_workers``."""
+    return _run_service(jobs, work, own_tasks=False, job=True)
+
+
+def run_own_tasks(jobs: int, work: Work) -> float:
+    """The same with the workers started in a nursery of the service's own."""
+    return _run_service(jobs, work, own_tasks=True, job=True)
+
+
+def run_intake_only(jobs: int, work: Work) -> float:
+    """The workers of ``run_nursery_down`` reading through ``ctx.intake()``, with no job block."""
+    return _run_service(jobs, work, own_tasks=False, job=False)
+
+
+def _run_service(jobs: int, work: Work, *, own_tasks: bool, job: bool) -> float:
     send, receive = trio.open_memory_channel[int](0)
     sup = nd.Supervisor(name="bench")
     timing: dict[str, float] = {}
@@ -110,12 +151,19 @@ def run_nursery_down(jobs: int, work: Work) -> float:
                 async with ctx.job(item):
                     work()
 
+        async def intake_only() -> None:
+            async for _ in ctx.intake(receive):
+                work()
+
         async with trio.open_nursery() as nursery:
-            for _ in range(WORKERS):
-                nursery.start_soon(worker)
             ctx.ready()
             timing["started"] = clock()
             nursery.start_soon(_produce, send, jobs)
+            if own_tasks:
+                for _ in range(WORKERS):
+                    nursery.start_soon(worker)
+            else:
+                await ctx.run_workers(WORKERS, worker if job else intake_only)
         timing["ended"] = clock()
 
     async def main() -> None:
@@ -124,7 +172,7 @@ def run_nursery_down(jobs: int, work: Work) -> float:
 
     trio.run(main)
     completed = sup.snapshot()["services"][0]["completed"]
-    if completed != jobs:
+    if job and completed != jobs:
         raise RuntimeError(f"nursery_down side completed {completed} of {jobs} jobs")
     return timing["ended"] - timing["started"]
 
@@ -132,28 +180,41 @@ def run_nursery_down(jobs: int, work: Work) -> float:
 @dataclass
 class Result:
     label: str
-    raw_rate: float
-    shielded_rate: float
-    nd_rate: float
     goal: float
+    rates: dict[Side, float]  # median jobs per second of each side
+    ratios: dict[Side, float]  # median over rounds of the side's rate / the raw rate
 
-    @staticmethod
-    def overhead_us(rate: float, base: float) -> float:
-        return (1 / rate - 1 / base) * 1e6
+    def overhead_us(self, side: Side) -> float:
+        return (1 / self.ratios[side] - 1) / self.rates[run_raw] * 1e6
+
+    def cell(self, side: Side) -> str:
+        return (
+            f"{self.rates[side]:,.0f} ({self.ratios[side]:.2f}x, {self.overhead_us(side):.1f} us)"
+        )
+
+
+SIDES: list[Side] = [run_raw, run_intake_only, run_raw_shielded, run_nursery_down, run_own_tasks]
 
 
 def measure(label: str, work: Work, jobs: int, rounds: int, goal: float) -> Result:
-    sides: list[Side] = [run_raw, run_raw_shielded, run_nursery_down]
-    rates: dict[Side, list[float]] = {side: [] for side in sides}
-    for side in sides:
+    rates: dict[Side, list[float]] = {side: [] for side in SIDES}
+    for side in SIDES:
         side(jobs // 10, work)  # warm-up: caches, CPU frequency
     for round_ in range(rounds):
         # Alternate the order, so a drift in machine speed hits every side alike.
-        for side in sides if round_ % 2 == 0 else sides[::-1]:
+        for side in SIDES if round_ % 2 == 0 else SIDES[::-1]:
             gc.collect()
             rates[side].append(jobs / side(jobs, work))
-    raw, shielded, ours = (statistics.median(rates[side]) for side in sides)
-    return Result(label, raw, shielded, ours, goal)
+    raw = rates[run_raw]
+    return Result(
+        label,
+        goal,
+        {side: statistics.median(rates[side]) for side in SIDES},
+        {
+            side: statistics.median(a / b for a, b in zip(rates[side], raw, strict=True))
+            for side in SIDES
+        },
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,29 +235,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.rounds, args.scale = 3, args.scale / 2
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    loops = calibrate()
     results = [
         measure("trivial", trivial, int(20_000 * args.scale), args.rounds, 0.65),
-        measure("100 us busy", busy, int(3_000 * args.scale), args.rounds, 0.95),
+        # Short runs of slow jobs are noisier: twice the rounds.
+        measure("100 us of work", busy, int(3_000 * args.scale), 2 * args.rounds, 0.95),
     ]
     unit = "CPU-second" if args.clock == "cpu" else "second"
     print(
-        f"{WORKERS} workers, one unbuffered memory channel, jobs per {unit}; median of "
-        f"{args.rounds} interleaved runs per side (Python {sys.version.split()[0]}, "
-        f"trio {trio.__version__})\n"
+        f"{WORKERS} workers, one unbuffered memory channel, jobs per {unit} (median ratio to "
+        f"the raw pool in the same round, overhead per job); {args.rounds} rounds of trivial "
+        f"jobs and {2 * args.rounds} of 100 us jobs (Python {sys.version.split()[0]}, "
+        f"trio {trio.__version__}); the work loop runs {loops:,} iterations\n"
     )
     print(
-        "| jobs | raw pool | raw + shield per job | intake + job | ratio to raw "
-        "| overhead per job | ceiling (raw + shield) | goal |"
+        "| jobs | raw pool | intake only | raw + shield per job | intake + job, ctx.run_workers "
+        "| intake + job, own tasks | goal |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for r in results:
-        ratio = r.nd_rate / r.raw_rate
-        met = "met" if ratio >= r.goal else "missed"
+        met = "met" if r.ratios[run_nursery_down] >= r.goal else "missed"
         print(
-            f"| {r.label} | {r.raw_rate:,.0f} | {r.shielded_rate:,.0f} | {r.nd_rate:,.0f} "
-            f"| {ratio:.2f}x | {Result.overhead_us(r.nd_rate, r.raw_rate):.1f} us "
-            f"| {r.shielded_rate / r.raw_rate:.2f}x "
-            f"({Result.overhead_us(r.shielded_rate, r.raw_rate):.1f} us) "
+            f"| {r.label} | {r.rates[run_raw]:,.0f} | {r.cell(run_intake_only)} "
+            f"| {r.cell(run_raw_shielded)} "
+            f"| {r.cell(run_nursery_down)} | {r.cell(run_own_tasks)} "
             f"| >= {r.goal:.2f}x ({met}) |"
         )
     return 0

@@ -9,7 +9,10 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import trio
 
+from ._exceptions import ConfigurationError
 from ._jobs import Job, JobCounters
+from ._spec import is_async_function, is_count
+from ._workers import ShieldHost, Worker, WorkerGroup
 
 if TYPE_CHECKING:
     from ._supervisor import _ServiceRecord
@@ -43,7 +46,12 @@ class ServiceContext:
         self._ready_called = False
         self._intake_clones: set[trio.MemoryReceiveChannel[Any]] = set()
         self._intake_scopes: set[trio.CancelScope] = set()
+        # The workers started by run_workers, and the service's own task: a job
+        # block directly in one of them uses its scope as the shield (see Job).
+        self._shield_hosts: dict[trio.lowlevel.Task, ShieldHost] = {}
         self._health = "ok"
+        # The clock's own method: trio.current_time() looks the clock up on each call.
+        self._now = trio.lowlevel.current_clock().current_time
 
     # -- what a service reads -----------------------------------------------------------
 
@@ -115,6 +123,48 @@ class ServiceContext:
         """
         return Job(self, key, info)
 
+    async def run_workers(self, count: int, worker: Worker, *args: Any) -> None:
+        """Run *count* copies of ``worker(*args)`` at once; return when all have returned.
+
+        The usual shape of a service that works on several items at a time::
+
+            async def consumer(ctx: nd.ServiceContext) -> None:
+                async def worker() -> None:
+                    async for msg in ctx.intake(receive_channel):
+                        async with ctx.job(msg.id):
+                            await handle(msg)
+
+                ctx.ready()
+                await ctx.run_workers(20, worker)
+
+        It behaves like starting the workers in a nursery of your own: if one raises,
+        the others are cancelled (a job in flight still finishes first, shielded) and
+        the error propagates. It is cheaper per job, though. Each worker runs in a
+        cancel scope of its own for its whole life, and a ``ctx.job()`` block directly
+        in the worker uses that scope as its shield instead of entering a new one,
+        which costs about as much as a trivial job. (A job block directly in the
+        service function uses the service's scope the same way.)
+
+        A job block that sits inside a nursery or a timeout the worker opened itself
+        takes a scope of its own, so it is shielded from those too, exactly as in any
+        other task. One difference remains: a cancel scope without a deadline that
+        the worker opens around the block and later cancels by hand does reach the job.
+        """
+        if not is_count(count):
+            raise ConfigurationError(
+                f"run_workers needs a whole number >= 1 of workers, got {count!r}"
+            )
+        if not is_async_function(worker):
+            raise ConfigurationError(
+                f"run_workers' worker {getattr(worker, '__name__', worker)!r} must be an "
+                "async function (define it with 'async def')"
+            )
+        group = WorkerGroup(self, count)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(group.watch, name=f"{self.name} workers' watcher")
+            for index in range(count):
+                nursery.start_soon(group.host, worker, args, name=f"{self.name} worker {index}")
+
     # -- driven by the supervisor ------------------------------------------------------
 
     def _admit_late_item(self) -> bool:
@@ -135,11 +185,16 @@ class ServiceContext:
 
     def _set_deadline(self, deadline: float) -> None:
         self._deadline = deadline
+        # Workers carry the deadline whether or not a job runs in them now: a job
+        # raises its worker's shield and so relies on that scope's deadline alone.
+        for host in self._shield_hosts.values():
+            host.scope.deadline = deadline
         for job in self._counters.in_flight:
             if job._context is self:
                 job._set_deadline(deadline)
 
     def _close(self) -> None:
+        self._shield_hosts.clear()
         for clone in self._intake_clones:
             clone.close()
         self._intake_clones.clear()

@@ -13,6 +13,7 @@ from ._exceptions import DrainingError
 
 if TYPE_CHECKING:
     from ._context import ServiceContext
+    from ._workers import ShieldHost
 
 JobOutcome = Literal["running", "completed", "failed", "hard_cancelled"]
 
@@ -44,11 +45,12 @@ class Job:
     after it (an ack, say) does not run as though the job had finished.
     """
 
-    __slots__ = ("_context", "_scope", "info", "key", "outcome", "started")
+    __slots__ = ("_context", "_host", "_scope", "info", "key", "outcome", "started")
 
     def __init__(self, context: ServiceContext, key: Hashable, info: dict[str, Any]) -> None:
         self._context = context
         self._scope: trio.CancelScope | None = None
+        self._host: ShieldHost | None = None
         #: The key given to ``ctx.job()``, shown on the dashboard.
         self.key = key
         #: The keyword arguments given to ``ctx.job()``, shown on the dashboard.
@@ -75,12 +77,20 @@ class Job:
                 "take work through ctx.intake(), which stops handing out items when a "
                 "drain begins, or check ctx.draining first"
             )
-        # Each job has its own shield: only its own deadline, which stays at
-        # infinity until a drain sets it to the grace deadline, can cancel it.
-        scope = trio.CancelScope(shield=True, deadline=context._deadline)
-        scope.__enter__()
+        # Each job has its own shield: only its deadline, which stays at infinity
+        # until a drain sets it to the grace deadline, can cancel it. A task that runs
+        # in a scope of ours for its whole life lends that scope as the shield, which
+        # costs a fraction of entering a new one (see _workers).
+        task = trio.lowlevel.current_task()
+        host = context._shield_hosts.get(task)
+        if host is not None and host.lend(task):
+            self._host = host
+            scope = host.scope
+        else:
+            scope = trio.CancelScope(shield=True, deadline=context._deadline)
+            scope.__enter__()
         self._scope = scope
-        self.started = trio.current_time()
+        self.started = context._now()
         context._counters.in_flight[self] = None
         return self
 
@@ -94,16 +104,23 @@ class Job:
         del counters.in_flight[self]
         scope = self._scope
         assert scope is not None
-        try:
-            scope.__exit__(exc_type, exc, tb)
-        except BaseException:
-            self.outcome = "failed"
-            counters.failed += 1
-            raise
-        if scope.cancelled_caught:
-            # The grace deadline passed. The service's own scope shares that deadline,
-            # so returning False lets the Cancelled carry on to it: the code after the
-            # block must not run as if the job had finished.
+        host = self._host
+        if host is None:
+            try:
+                scope.__exit__(exc_type, exc, tb)
+            except BaseException:
+                self.outcome = "failed"
+                counters.failed += 1
+                raise
+            hard_cancelled = scope.cancelled_caught
+        else:
+            host.give_back()
+            hard_cancelled = exc is not None and scope.cancel_called and _is_cancellation(exc)
+        if hard_cancelled:
+            # The grace deadline passed. Returning False lets the Cancelled carry on
+            # to the scope that shares that deadline (the service's own, or the
+            # worker's): the code after the block must not run as if the job had
+            # finished.
             self.outcome = "hard_cancelled"
             counters.hard_cancelled += 1
             return False
@@ -114,3 +131,12 @@ class Job:
             self.outcome = "failed"
             counters.failed += 1
         return False
+
+
+def _is_cancellation(exc: BaseException | None) -> bool:
+    """True for a Cancelled, or a group of nothing but Cancelled."""
+    if isinstance(exc, trio.Cancelled):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(trio.Cancelled)[1] is None
+    return False

@@ -12,7 +12,7 @@ import trio
 from ._context import ServiceContext
 from ._exceptions import ConfigurationError
 from ._jobs import Job
-from ._spec import ServiceFunction, is_async_function
+from ._spec import ServiceFunction, is_async_function, is_count
 from .queues._source import JobSource, QueuedJob
 
 logger = logging.getLogger("nursery_down")
@@ -76,7 +76,7 @@ def worker_pool(
             f"worker_pool's handler {getattr(handler, '__name__', handler)!r} must be an "
             "async function: async def handler(job) -> None"
         )
-    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+    if not is_count(workers):
         raise ConfigurationError(f"workers must be a whole number >= 1, got {workers!r}")
 
     async def pool(ctx: ServiceContext) -> None:
@@ -105,6 +105,7 @@ class _WorkerJob(Job):
         # Job.__aenter__/__aexit__, and fills in key, info and started per job.
         self._context = context
         self._scope = scope
+        self._host = None
         self.key = None
         self.info = _FIRST_ATTEMPT
         self.started = math.nan
@@ -118,13 +119,11 @@ async def _run_pool(ctx: ServiceContext, source: JobSource, handler: Handler, wo
     # with 10,000 workers, a clone and a name each would cost about 0.5 KiB a job.
     name = f"{ctx.name} worker"
     # Looked up once and shared by every worker (a bound method each would cost
-    # 64 bytes a worker). The clock's own method: trio.current_time() looks the
-    # clock up on every call.
+    # 64 bytes a worker).
     ack_nowait = _fast_path(source, "ack_nowait")
-    now = trio.lowlevel.current_clock().current_time
     async with receive, trio.open_nursery() as nursery:
         for _ in range(workers):
-            nursery.start_soon(_work, ctx, source, handler, receive, ack_nowait, now, name=name)
+            nursery.start_soon(_work, ctx, source, handler, receive, ack_nowait, name=name)
         ctx.ready()
         await _produce(ctx, source, send)
 
@@ -170,10 +169,10 @@ async def _work(
     handler: Handler,
     receive: trio.MemoryReceiveChannel[QueuedJob],
     ack_nowait: Callable[[QueuedJob], None] | None,
-    now: Callable[[], float],
 ) -> None:
     counters = ctx._counters
     in_flight = counters.in_flight
+    now = ctx._now
     # One shielded scope for the worker's whole life: only its own deadline (the
     # grace deadline, moved through the job registered while one runs) can cut a
     # job, never a drain or a crashing sibling. Toggling the shield around each job

@@ -127,6 +127,11 @@ def is_async_function(function: object) -> bool:
     return inspect.iscoroutinefunction(call)
 
 
+def is_count(value: object) -> TypeGuard[int]:
+    """True for a whole number of one or more (and not a bool): a number of workers."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def is_finite_number(value: object) -> TypeGuard[int | float]:
     """True for an int or float that is neither infinite nor NaN (and not a bool)."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

@@ -31,6 +31,7 @@ from ._spec import (
     start_order,
 )
 from ._state import ACTIVE_STATES, ServiceState, check_transition
+from ._workers import ShieldHost
 
 logger = logging.getLogger("nursery_down")
 
@@ -608,6 +609,11 @@ class Supervisor:
         assert scope is not None
         error: BaseException | None = None
         with scope:
+            # A job block directly in the service function raises this scope's shield
+            # (see Job) rather than entering a scope of its own.
+            context._shield_hosts[trio.lowlevel.current_task()] = ShieldHost(
+                scope, keep_shield=False
+            )
             try:
                 await spec.function(context)
             except* Exception as group:

@@ -13,6 +13,11 @@ import nursery_down as nd
 from nursery_down import ServiceState as S
 from nursery_down._signals import dispatch_signal
 
+#: Where a service's jobs run: in tasks the service starts in a nursery of its own
+#: (each job enters a shielded scope of its own), or in workers started with
+#: ctx.run_workers (each job is shielded by its worker's scope).
+PLACEMENTS = ["own tasks", "run_workers"]
+
 
 def job_service(
     sup: nd.Supervisor,
@@ -20,34 +25,52 @@ def job_service(
     *,
     name: str = "work",
     log: list[tuple[str, Any, float]] | None = None,
+    placement: str = "own tasks",
     **options: Any,
 ) -> None:
     """A service running one concurrent job per duration, logging job starts and ends."""
     record = log if log is not None else []
 
     async def service(ctx: nd.ServiceContext) -> None:
+        all_entered = trio.Event()
+        entered = 0
+
         async def one(index: int, seconds: float) -> None:
+            nonlocal entered
             async with ctx.job(f"job-{index}", seconds=seconds):
                 record.append(("start", index, trio.current_time()))
+                entered += 1
+                if entered == len(durations):
+                    all_entered.set()
                 await trio.sleep(seconds)
             record.append(("done", index, trio.current_time()))
 
+        pending = iter(enumerate(durations))
+
+        async def worker() -> None:
+            await one(*next(pending))
+
         async with trio.open_nursery() as nursery:
-            for index, seconds in enumerate(durations):
-                nursery.start_soon(one, index, seconds)
-            await trio.sleep(0)  # let every job enter its block before we are ready
+            if placement == "run_workers" and durations:
+                nursery.start_soon(ctx.run_workers, len(durations), worker)
+            else:
+                for index, seconds in enumerate(durations):
+                    nursery.start_soon(one, index, seconds)
+            if durations:
+                await all_entered.wait()  # every job is in its block before we are ready
             ctx.ready()
             await ctx.wait_draining()
 
     sup.add(service, name=name, **options)
 
 
+@pytest.mark.parametrize("placement", PLACEMENTS)
 async def test_drain_lets_jobs_finish_within_the_grace(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, placement: str
 ) -> None:
     sup = nd.Supervisor("grace", grace=10.0)
     log: list[tuple[str, Any, float]] = []
-    job_service(sup, [3.0, 7.0], log=log)
+    job_service(sup, [3.0, 7.0], log=log, placement=placement)
     async with nd.open_supervisor(sup):
         await trio.sleep(1)
         await sup.drain("work")
@@ -60,12 +83,13 @@ async def test_drain_lets_jobs_finish_within_the_grace(
     assert sup.exit_code == nd.EXIT_OK
 
 
+@pytest.mark.parametrize("placement", PLACEMENTS)
 async def test_drain_hard_cancels_jobs_at_the_grace_deadline(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, placement: str
 ) -> None:
     sup = nd.Supervisor("overrun", grace=5.0)
     log: list[tuple[str, Any, float]] = []
-    job_service(sup, [2.0, 100.0], log=log)
+    job_service(sup, [2.0, 100.0], log=log, placement=placement)
     async with nd.open_supervisor(sup):
         await sup.drain("work")
         await sup.wait_state("work", S.STOPPED)
@@ -110,11 +134,12 @@ async def test_job_outcome_says_how_the_block_ended(
     assert (counters["completed"], counters["failed"], counters["hard_cancelled"]) == (1, 1, 1)
 
 
+@pytest.mark.parametrize("placement", PLACEMENTS)
 async def test_extend_grace_moves_the_deadline_later(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, placement: str
 ) -> None:
     sup = nd.Supervisor("extend", grace=5.0)
-    job_service(sup, [12.0])
+    job_service(sup, [12.0], placement=placement)
     async with nd.open_supervisor(sup):
         await sup.drain("work")
         await trio.sleep(4)
@@ -126,11 +151,12 @@ async def test_extend_grace_moves_the_deadline_later(
     assert sup.exit_code == nd.EXIT_OK
 
 
+@pytest.mark.parametrize("placement", PLACEMENTS)
 async def test_escalate_hard_cancels_in_flight_jobs_now(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, placement: str
 ) -> None:
     sup = nd.Supervisor("escalate", grace=30.0)
-    job_service(sup, [50.0, 60.0])
+    job_service(sup, [50.0, 60.0], placement=placement)
     async with nd.open_supervisor(sup):
         await sup.drain("work")
         await trio.sleep(2)
@@ -140,11 +166,12 @@ async def test_escalate_hard_cancels_in_flight_jobs_now(
     assert sup.snapshot()["services"][0]["hard_cancelled"] == 2
 
 
+@pytest.mark.parametrize("placement", PLACEMENTS)
 async def test_escalate_without_a_drain_drains_with_no_grace(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, placement: str
 ) -> None:
     sup = nd.Supervisor("escalate-now", grace=30.0)
-    job_service(sup, [50.0])
+    job_service(sup, [50.0], placement=placement)
     async with nd.open_supervisor(sup):
         await sup.escalate()
         await sup.wait_finished()
@@ -313,13 +340,14 @@ async def test_entering_a_job_after_the_drain_began_raises() -> None:
     assert "ctx.intake()" in str(errors[0])
 
 
+@pytest.mark.parametrize("placement", PLACEMENTS)
 async def test_whole_app_drain_follows_stop_order_with_one_deadline(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, placement: str
 ) -> None:
     sup = nd.Supervisor("app", grace=10.0)
-    job_service(sup, [4.0], name="db")
-    job_service(sup, [6.0], name="workers", after=["db"])
-    job_service(sup, [100.0], name="ingress", after=["workers"])
+    job_service(sup, [4.0], name="db", placement=placement)
+    job_service(sup, [6.0], name="workers", after=["db"], placement=placement)
+    job_service(sup, [100.0], name="ingress", after=["workers"], placement=placement)
     async with nd.open_supervisor(sup):
         await sup.drain()
         assert sup.snapshot()["draining"] is True
@@ -554,11 +582,12 @@ async def test_sighup_restarts_every_service_in_turn(
     assert [s["restarts"] for s in sup.snapshot()["services"]] == [1, 1]
 
 
+@pytest.mark.parametrize("placement", PLACEMENTS)
 async def test_leaving_open_supervisor_with_an_error_hard_cancels_jobs(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, placement: str
 ) -> None:
     sup = nd.Supervisor("error-exit", grace=30.0)
-    job_service(sup, [100.0])
+    job_service(sup, [100.0], placement=placement)
 
     async def embedding_program() -> None:
         async with nd.open_supervisor(sup):

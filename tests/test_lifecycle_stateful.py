@@ -31,6 +31,8 @@ from nursery_down import ServiceState as S
 
 NAMES = ("a", "b")
 WORKERS = 3
+#: This service starts its workers with ctx.run_workers, the other in a nursery of its own.
+WORKER_GROUP_SERVICE = "b"
 T = TypeVar("T")
 
 
@@ -96,8 +98,11 @@ class LifecycleMachine(RuleBasedStateMachine):
                     raise RuntimeError(f"{name} crashed on purpose")
 
             async with trio.open_nursery() as nursery:
-                for _ in range(WORKERS):
-                    nursery.start_soon(worker)
+                if name == WORKER_GROUP_SERVICE:
+                    nursery.start_soon(ctx.run_workers, WORKERS, worker)
+                else:
+                    for _ in range(WORKERS):
+                        nursery.start_soon(worker)
                 nursery.start_soon(crasher)
                 ctx.ready()
 

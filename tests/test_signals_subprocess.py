@@ -223,12 +223,22 @@ def check_clean_drain(program: Program, signum: signal.Signals, seed: int) -> No
     assert workers["hard_cancelled"] == 0, f"{label}: {workers}"
 
 
-@pytest.mark.parametrize("run", range(10))
+#: Where the program's workers run: in a nursery of the service's own, or in
+#: ctx.run_workers (whose jobs are shielded by their worker's scope).
+PLACEMENTS = ["tasks", "run_workers"]
+
+
+def alternate(run: int) -> str:
+    """The placement of the *run*-th of several runs: each in turn."""
+    return PLACEMENTS[run % len(PLACEMENTS)]
+
+
+@pytest.mark.parametrize("run", range(12))
 def test_sigterm_mid_job_finishes_every_job_and_exits_0(
     launch: Callable[..., Program], run: int
 ) -> None:
     seed = BASE_SEED + run
-    program = launch(f"SIGTERM run {run}", seed=seed)
+    program = launch(f"SIGTERM run {run}", seed=seed, placement=alternate(run))
     check_clean_drain(program, signal.SIGTERM, seed)
     assert "Traceback" not in program.output(), program.output()
 
@@ -238,18 +248,21 @@ def test_sigint_mid_job_drains_like_sigterm_without_keyboard_interrupt(
     launch: Callable[..., Program], run: int
 ) -> None:
     seed = BASE_SEED + 100 + run
-    program = launch(f"SIGINT run {run}", seed=seed)
+    program = launch(f"SIGINT run {run}", seed=seed, placement=alternate(run))
     check_clean_drain(program, signal.SIGINT, seed)
     output = program.output()
     assert "KeyboardInterrupt" not in output, output
     assert "Traceback" not in output, output
 
 
+@pytest.mark.parametrize("placement", PLACEMENTS)
 def test_grace_overrun_hard_cancels_jobs_at_the_deadline_and_exits_3(
-    launch: Callable[..., Program],
+    launch: Callable[..., Program], placement: str
 ) -> None:
     grace = 0.5
-    program = launch("grace overrun", grace=grace, job_min=2.0, job_max=3.0, seed=BASE_SEED)
+    program = launch(
+        "grace overrun", grace=grace, job_min=2.0, job_max=3.0, seed=BASE_SEED, placement=placement
+    )
     program.wait_until("every worker busy", lambda ledger: len(ledger.starts) >= WORKERS)
     sent = program.send(signal.SIGTERM)
     code = program.wait_exit()
@@ -270,10 +283,13 @@ def test_grace_overrun_hard_cancels_jobs_at_the_deadline_and_exits_3(
     assert program.snapshot()["exit_code"] == 3
 
 
+@pytest.mark.parametrize("placement", PLACEMENTS)
 def test_second_sigterm_during_drain_escalates_and_exits_3(
-    launch: Callable[..., Program],
+    launch: Callable[..., Program], placement: str
 ) -> None:
-    program = launch("second SIGTERM", job_min=2.0, job_max=3.0, seed=BASE_SEED)
+    program = launch(
+        "second SIGTERM", job_min=2.0, job_max=3.0, seed=BASE_SEED, placement=placement
+    )
     program.wait_until("every worker busy", lambda ledger: len(ledger.starts) >= WORKERS)
     program.send(signal.SIGTERM)
     program.wait_output("service workers: running -> draining")
@@ -289,10 +305,11 @@ def test_second_sigterm_during_drain_escalates_and_exits_3(
     assert program.service("workers")["hard_cancelled"] == len(ledger.cut) >= WORKERS
 
 
+@pytest.mark.parametrize("placement", PLACEMENTS)
 def test_sighup_restarts_every_service_and_keeps_processing(
-    launch: Callable[..., Program],
+    launch: Callable[..., Program], placement: str
 ) -> None:
-    program = launch("SIGHUP", seed=BASE_SEED)
+    program = launch("SIGHUP", seed=BASE_SEED, placement=placement)
     program.wait_until("every worker busy", lambda ledger: len(ledger.starts) >= WORKERS)
     hup = program.send(signal.SIGHUP)
 

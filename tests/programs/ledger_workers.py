@@ -21,6 +21,8 @@ Settings, from the environment:
 - ``LEDGER_JOB_MIN`` / ``LEDGER_JOB_MAX``: job length range in seconds (0.3 / 1.2);
 - ``LEDGER_GRACE``: the supervisor's grace in seconds (30);
 - ``LEDGER_WORKERS``: number of worker tasks (20);
+- ``LEDGER_PLACEMENT``: ``tasks`` (default) starts the workers in a nursery of the
+  service's own, ``run_workers`` with ``ctx.run_workers``;
 - ``LEDGER_MAX_JOBS``: stop handing out keys after this many (unbounded; 0 = idle);
 - ``LEDGER_SEED``: seed of the job lengths.
 """
@@ -47,6 +49,7 @@ def _setting(name: str, default: float) -> float:
 JOB_MIN = _setting("LEDGER_JOB_MIN", 0.3)
 JOB_MAX = _setting("LEDGER_JOB_MAX", 1.2)
 WORKERS = int(_setting("LEDGER_WORKERS", 20))
+PLACEMENT = os.environ.get("LEDGER_PLACEMENT") or "tasks"
 MAX_JOBS = _setting("LEDGER_MAX_JOBS", float("inf"))
 _seed = os.environ.get("LEDGER_SEED")
 _rng = random.Random(int(_seed) if _seed else None)
@@ -86,8 +89,11 @@ async def workers(ctx: nd.ServiceContext) -> None:
                 ledger.write("done", key, f"{time.time():.6f}")
 
     async with trio.open_nursery() as nursery:
-        for number in range(WORKERS):
-            nursery.start_soon(work, name=f"worker {number}")
+        if PLACEMENT == "run_workers":
+            nursery.start_soon(ctx.run_workers, WORKERS, work)
+        else:
+            for number in range(WORKERS):
+                nursery.start_soon(work, name=f"worker {number}")
         ctx.ready()
         ledger.write("up", ctx.name, f"{time.time():.6f}")
 
