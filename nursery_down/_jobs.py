@@ -83,7 +83,7 @@ class Job:
         # costs a fraction of entering a new one (see _workers).
         task = trio.lowlevel.current_task()
         host = context._shield_hosts.get(task)
-        if host is not None and host.lend(task):
+        if host is not None and host.lend(task, context._deadline):
             self._host = host
             scope = host.scope
         else:

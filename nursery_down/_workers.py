@@ -28,28 +28,31 @@ class ShieldHost:
         self.scope = scope
         #: True while a job block holds the scope as its shield.
         self.busy = False
-        #: True while the scope stays shielded between jobs too (see WorkerGroup).
+        #: True while the scope stays shielded between jobs too (see WorkerGroup);
+        #: the scope is shielded whenever this is true.
         self.keep_shield = keep_shield
 
-    def lend(self, task: trio.lowlevel.Task) -> bool:
+    def lend(self, task: trio.lowlevel.Task, deadline: float) -> bool:
         """Shield the scope for one job block entered directly in *task*, if it can.
 
-        It cannot when something the task opened itself sits between the scope and
-        the block, because its cancellation would reach the job: a nursery (the task
-        lists it), a timeout or an already cancelled scope (the effective deadline,
-        read with the shield up, is then not the scope's own). A job nested in
-        another job cannot either. The block then takes a scope of its own.
+        *deadline* is the service's grace deadline, which the scope always carries.
+        The scope cannot serve when something the task opened itself sits between it
+        and the block, because that thing's cancellation would reach the job: a
+        nursery (the task lists it), a timeout or an already cancelled scope (the
+        effective deadline, read with the shield up, is then not the scope's own).
+        A job nested in another job cannot use it either. The block then enters a
+        scope of its own.
         """
         if self.busy or task.child_nurseries:
             return False
-        scope = self.scope
-        if not scope.shield:
-            scope.shield = True
-            if trio.current_effective_deadline() != scope.deadline:
-                scope.shield = False
+        if self.keep_shield:  # shielded already
+            if trio.current_effective_deadline() != deadline:
                 return False
-        elif trio.current_effective_deadline() != scope.deadline:
-            return False
+        else:
+            self.scope.shield = True
+            if trio.current_effective_deadline() != deadline:
+                self.scope.shield = False
+                return False
         self.busy = True
         return True
 

@@ -92,6 +92,16 @@ async def test_release_puts_the_job_back_in_front_without_counting_an_attempt() 
     assert await queue.claim() == QueuedJob(1, "a", 0)
 
 
+@pytest.mark.parametrize("order", [[0, 1, 2], [2, 1, 0], [1, 2, 0]])
+async def test_released_jobs_are_claimed_again_in_their_first_order(order: list[int]) -> None:
+    queue = MemoryQueue()
+    queue.put_many_nowait(["a", "b", "c", "d"])
+    claimed = [queue.claim_nowait() for _ in range(3)]
+    for index in order:
+        await queue.release(claimed[index])
+    assert [queue.claim_nowait().payload for _ in range(4)] == ["a", "b", "c", "d"]
+
+
 async def test_fail_counts_an_attempt_and_retries_after_the_others() -> None:
     queue = MemoryQueue(max_attempts=3)
     queue.put_many_nowait(["a", "b"])

@@ -24,9 +24,10 @@ class MemoryQueue:
         queue.put_nowait({"order": 17})
         sup.add(nd.worker_pool(queue, handle), name="orders")
 
-    Jobs are claimed oldest first. A released job goes back to the front (it was
-    next anyway); a failed one goes to the back, so a poison job does not hold up
-    the others. After ``max_attempts`` failures a job goes to :meth:`dead_letters`.
+    Jobs are claimed oldest first. A released job goes back ahead of every job put
+    after it (it was next anyway), so several released jobs keep their order; a
+    failed one goes to the back, so a poison job does not hold up the others.
+    After ``max_attempts`` failures a job goes to :meth:`dead_letters`.
 
     :meth:`close` says no more jobs will be put: ``claim()`` then returns ``None``
     once nothing is queued or claimed. Until then a claim waits for work.
@@ -115,9 +116,15 @@ class MemoryQueue:
             self._wake()  # a claim waiting for the last lease may now return None
 
     async def release(self, job: QueuedJob) -> None:
-        """Put the job back at the front, unstarted; its attempt is not counted."""
+        """Put the job back, unstarted, ahead of the jobs put after it; no attempt counted."""
         self._take_lease(job, "release")
-        self._queued.appendleft(job)
+        queued = self._queued
+        # A leased job was claimed before every job still queued but the failed ones
+        # at the back, so the search ends at once, or after the jobs released before it.
+        position = next(
+            (index for index, other in enumerate(queued) if other.id > job.id), len(queued)
+        )
+        queued.insert(position, job)
         self._wake()
 
     async def fail(self, job: QueuedJob, error: BaseException | str) -> None:
