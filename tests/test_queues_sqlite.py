@@ -230,9 +230,19 @@ async def test_a_lease_belongs_to_the_queue_object_that_claimed_it(db: Path) -> 
 # -- waiting and cancelling ----------------------------------------------------------------
 
 
-async def test_claim_is_woken_by_a_put_through_the_same_object(db: Path) -> None:
-    # A long poll interval: only the wake-up can make this quick.
-    async with SQLiteQueue(db, poll_interval=30) as queue:
+@pytest.mark.parametrize(
+    ("poll_interval", "put_from"),
+    [
+        # A long poll interval: only the wake-up can make this quick.
+        (30.0, "the same object"),
+        (0.05, "another object"),
+    ],
+)
+async def test_a_waiting_claim_sees_a_put_at_once_or_within_the_poll_interval(
+    db: Path, poll_interval: float, put_from: str
+) -> None:
+    async with SQLiteQueue(db, poll_interval=poll_interval) as queue, SQLiteQueue(db) as other:
+        putter = queue if put_from == "the same object" else other
         got: list[QueuedJob] = []
 
         async def claimer() -> None:
@@ -242,25 +252,9 @@ async def test_claim_is_woken_by_a_put_through_the_same_object(db: Path) -> None
             nursery.start_soon(claimer)
             await trio.sleep(0.2)
             started = trio.current_time()
-            await queue.put("x")
+            await putter.put(f"from {put_from}")
         assert trio.current_time() - started < 1.0
-        assert got == [QueuedJob(1, "x", 0)]
-
-
-async def test_claim_sees_puts_from_elsewhere_within_the_poll_interval(db: Path) -> None:
-    async with SQLiteQueue(db, poll_interval=0.05) as queue, SQLiteQueue(db) as other:
-        got: list[QueuedJob] = []
-
-        async def claimer() -> None:
-            got.append(await claim(queue))
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(claimer)
-            await trio.sleep(0.2)
-            started = trio.current_time()
-            await other.put("from elsewhere")
-        assert trio.current_time() - started < 1.0
-        assert got[0].payload == "from elsewhere"
+        assert got == [QueuedJob(1, f"from {put_from}", 0)]
 
 
 async def test_cancelled_claim_claims_nothing(db: Path) -> None:
