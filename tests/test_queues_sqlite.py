@@ -375,6 +375,93 @@ async def test_a_zombie_does_not_hold_leases(db: Path, holder: object) -> None:
         assert await queue.statistics() == stats(queued=1)
 
 
+def lease_to_a_dead_process(path: Path) -> None:
+    """Lease every queued job to a process that no longer runs (our pid, an earlier start)."""
+    with sqlite3.connect(path) as connection:
+        connection.execute(
+            "UPDATE jobs SET state = 'leased', lease_pid = ?, lease_token = ?,"
+            " lease_owner = 'gone' WHERE state = 'queued'",
+            (os.getpid(), "linux:an-earlier-boot:12345"),
+        )
+
+
+async def test_a_job_whose_process_keeps_dying_is_dead_lettered_at_max_lost_leases(
+    db: Path,
+) -> None:
+    async with SQLiteQueue(db, max_lost_leases=3) as queue:
+        await queue.put("poison")
+    for lost in range(1, 4):
+        lease_to_a_dead_process(db)
+        async with SQLiteQueue(db, max_lost_leases=3) as queue:
+            expected = stats(queued=1) if lost < 3 else stats(dead=1)
+            assert await queue.statistics() == expected
+            dead = await queue.dead_letters()
+    [poison] = dead
+    assert (poison.id, poison.payload, poison.attempts) == (1, "poison", 0)
+    assert poison.error == (
+        f"its process died while running it, 3 times (the last was pid {os.getpid()})"
+    )
+    assert [event for _, event in history(db)] == [
+        "enqueue",
+        "recover",
+        "recover",
+        "recover",
+        "dead",
+    ]
+
+
+async def test_without_max_lost_leases_a_job_comes_back_however_often_its_process_dies(
+    db: Path,
+) -> None:
+    async with SQLiteQueue(db) as queue:
+        await queue.put("x")
+    for _ in range(10):
+        lease_to_a_dead_process(db)
+        async with SQLiteQueue(db) as queue:
+            assert await queue.statistics() == stats(queued=1)
+
+
+async def test_a_job_killing_its_process_is_dead_lettered_after_two_kills(
+    db: Path, holder: object
+) -> None:
+    async with SQLiteQueue(db) as queue:
+        await queue.put("poison")
+    for kill in (1, 2):
+        process, job_id = holder("kill")  # type: ignore[operator]
+        assert process.wait(timeout=10) == -signal.SIGKILL
+        async with SQLiteQueue(db, max_lost_leases=2) as queue:
+            expected = stats(queued=1) if kill == 1 else stats(dead=1)
+            assert await queue.statistics() == expected
+    [dead] = await SQLiteQueue(db).dead_letters()
+    assert (dead.id, dead.payload) == (job_id, "poison")
+    assert f"the last was pid {process.pid}" in dead.error
+
+
+async def test_a_file_of_the_first_layout_is_upgraded_and_keeps_its_jobs(db: Path) -> None:
+    async with SQLiteQueue(db) as queue:
+        await queue.put_many(["a", "b"])
+        await queue.ack(await claim(queue))
+    with sqlite3.connect(db) as connection:
+        connection.execute("ALTER TABLE jobs DROP COLUMN lost_leases")
+        connection.execute("PRAGMA user_version=1")
+    async with SQLiteQueue(db, max_lost_leases=1) as queue:
+        assert await queue.statistics() == stats(queued=1, done=1)
+        lease_to_a_dead_process(db)
+        assert await queue.recover() == 1
+        assert await queue.statistics() == stats(done=1, dead=1)
+    with sqlite3.connect(db) as connection:
+        assert connection.execute("PRAGMA user_version").fetchone() == (2,)
+
+
+async def test_a_file_of_a_newer_layout_is_refused(db: Path) -> None:
+    async with SQLiteQueue(db) as queue:
+        await queue.put("x")
+    with sqlite3.connect(db) as connection:
+        connection.execute("PRAGMA user_version=3")
+    with pytest.raises(QueueCorruptError, match=r"layout version 3.*upgrade nursery_down"):
+        await SQLiteQueue(db).open()
+
+
 # -- errors at open ---------------------------------------------------------------------------
 
 
@@ -457,6 +544,8 @@ async def test_operations_open_the_file_on_first_use(db: Path) -> None:
     ("option", "value"),
     [
         ("max_attempts", 0),
+        ("max_lost_leases", 0),
+        ("max_lost_leases", 2.5),
         ("busy_timeout", -1),
         ("poll_interval", float("inf")),
         ("synchronous", "OFF"),

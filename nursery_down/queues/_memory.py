@@ -11,6 +11,7 @@ from typing import Any, NoReturn
 import trio
 
 from .._exceptions import ConfigurationError, NotLeasedError
+from .._spec import is_count
 from ._source import DeadJob, QueuedJob, QueueStatistics, describe_error
 
 
@@ -38,7 +39,7 @@ class MemoryQueue:
     """
 
     def __init__(self, *, max_attempts: int = 5) -> None:
-        if not isinstance(max_attempts, int) or isinstance(max_attempts, bool) or max_attempts < 1:
+        if not is_count(max_attempts):
             raise ConfigurationError(
                 f"max_attempts must be a whole number >= 1, got {max_attempts!r}"
             )

@@ -25,7 +25,7 @@ from .._exceptions import (
     QueueLockedError,
     QueueUnwritableError,
 )
-from .._spec import is_finite_number
+from .._spec import is_count, is_finite_number
 from ._source import DeadJob, QueuedJob, QueueStatistics, describe_error
 
 T = TypeVar("T")
@@ -33,8 +33,9 @@ T = TypeVar("T")
 #: ``PRAGMA application_id`` of a queue file ("ndq1"), so that another program's
 #: SQLite database is never mistaken for an empty queue.
 APPLICATION_ID = 0x6E647131
-#: ``PRAGMA user_version``: the layout of the tables below.
-SCHEMA_VERSION = 1
+#: ``PRAGMA user_version``: the layout of the tables below. Version 1 had no
+#: ``lost_leases`` column; opening such a file adds it.
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -42,6 +43,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     payload     TEXT    NOT NULL,                   -- JSON
     state       TEXT    NOT NULL CHECK (state IN ('queued', 'leased')),
     attempts    INTEGER NOT NULL DEFAULT 0,         -- failed attempts so far
+    lost_leases INTEGER NOT NULL DEFAULT 0,         -- times its process died holding it
     enqueued_at REAL    NOT NULL,
     lease_pid   INTEGER,                            -- the process holding the lease
     lease_token TEXT,                               -- that process's start token
@@ -96,6 +98,13 @@ class SQLiteQueue:
     to the ``dead_letters`` table. ``release()`` and the recovery of a dead
     process's lease do not count one.
 
+    **Jobs that kill their process.** A job whose process dies while running it
+    every time (a crash in a C extension, running out of memory) would come back
+    forever. With *max_lost_leases*, a job taken back from dead processes that many
+    times moves to the dead letters instead. It is off by default, because a
+    SIGKILL, say at the end of a deploy's grace, also takes back the leases of the
+    jobs then running: set it well above the number of kills a job may meet.
+
     **History.** Every enqueue, claim, ack, release, fail, dead-letter and recovery
     is written, in the same transaction as the change, to the ``history`` table
     (job id, event, ``time.time()``, pid, detail), for audits and chaos checks.
@@ -125,14 +134,20 @@ class SQLiteQueue:
         path: str | os.PathLike[str],
         *,
         max_attempts: int = 5,
+        max_lost_leases: int | None = None,
         busy_timeout: float = 5.0,
         poll_interval: float = 0.1,
         recover_interval: float = 2.0,
         synchronous: Synchronous = "FULL",
     ) -> None:
-        if not isinstance(max_attempts, int) or isinstance(max_attempts, bool) or max_attempts < 1:
+        if not is_count(max_attempts):
             raise ConfigurationError(
                 f"max_attempts must be a whole number >= 1, got {max_attempts!r}"
+            )
+        if max_lost_leases is not None and not is_count(max_lost_leases):
+            raise ConfigurationError(
+                f"max_lost_leases must be a whole number >= 1, or None for no limit, "
+                f"got {max_lost_leases!r}"
             )
         for what, value in (
             ("busy_timeout", busy_timeout),
@@ -145,6 +160,7 @@ class SQLiteQueue:
             raise ConfigurationError(f"synchronous must be 'FULL' or 'NORMAL', got {synchronous!r}")
         self.path = os.fspath(path)
         self.max_attempts = max_attempts
+        self.max_lost_leases = max_lost_leases
         self.busy_timeout = float(busy_timeout)
         self.poll_interval = float(poll_interval)
         self.recover_interval = float(recover_interval)
@@ -286,7 +302,9 @@ class SQLiteQueue:
         return await self._call(self._dead_letters_sync)
 
     async def recover(self) -> int:
-        """Requeue jobs leased by processes that no longer run, now; return how many.
+        """Take back the jobs leased by processes that no longer run, now; return how many.
+
+        They are requeued, or dead-lettered once they reach *max_lost_leases*.
 
         Opening the queue and claiming do this by themselves.
         """
@@ -389,7 +407,12 @@ class SQLiteQueue:
                 )
             else:
                 version = connection.execute("PRAGMA user_version").fetchone()[0]
-                if version != SCHEMA_VERSION:
+                if version == 1:
+                    connection.execute(
+                        "ALTER TABLE jobs ADD COLUMN lost_leases INTEGER NOT NULL DEFAULT 0"
+                    )
+                    connection.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                elif version != SCHEMA_VERSION:
                     raise QueueCorruptError(
                         f"queue file {self.path!r} has layout version {version}, this "
                         f"nursery_down reads version {SCHEMA_VERSION}; upgrade nursery_down"
@@ -498,13 +521,7 @@ class SQLiteQueue:
             attempts += 1
             self._log(connection, [job_id], "fail", error, now)
             if attempts >= self.max_attempts:
-                connection.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
-                connection.execute(
-                    "INSERT INTO dead_letters (id, payload, attempts, error, enqueued_at, died_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    (job_id, text, attempts, error, enqueued_at, now),
-                )
-                self._log(connection, [job_id], "dead", error, now)
+                self._dead_letter(connection, job_id, text, attempts, error, enqueued_at, now)
             else:
                 connection.execute(
                     "UPDATE jobs SET state = 'queued', attempts = ?, last_error = ?,"
@@ -547,6 +564,7 @@ class SQLiteQueue:
         for pid, token in holders:
             if (pid, token) == (self._pid, self._token) or process_alive(pid, token):
                 continue
+            now = time.time()
             with _WriteTransaction(connection):
                 ids = [
                     row[0]
@@ -557,14 +575,51 @@ class SQLiteQueue:
                     )
                 ]
                 connection.execute(
-                    "UPDATE jobs SET state = 'queued', lease_pid = NULL, lease_token = NULL,"
-                    " lease_owner = NULL, leased_at = NULL"
+                    "UPDATE jobs SET state = 'queued', lost_leases = lost_leases + 1,"
+                    " lease_pid = NULL, lease_token = NULL, lease_owner = NULL, leased_at = NULL"
                     " WHERE state = 'leased' AND lease_pid = ? AND lease_token IS ?",
                     (pid, token),
                 )
-                self._log(connection, ids, "recover", f"lease of pid {pid}, which no longer runs")
+                self._log(
+                    connection, ids, "recover", f"lease of pid {pid}, which no longer runs", now
+                )
+                if ids and self.max_lost_leases is not None:
+                    self._bury_job_killers(connection, ids, pid, now)
             recovered += len(ids)
         return recovered
+
+    def _bury_job_killers(
+        self, connection: sqlite3.Connection, ids: list[int], pid: int, now: float
+    ) -> None:
+        """Dead-letter the jobs among *ids* whose processes died max_lost_leases times."""
+        marks = ",".join("?" * len(ids))
+        killers = connection.execute(
+            f"SELECT id, payload, attempts, lost_leases, enqueued_at FROM jobs"
+            f" WHERE id IN ({marks}) AND lost_leases >= ?",
+            (*ids, self.max_lost_leases),
+        ).fetchall()
+        for job_id, text, attempts, lost, enqueued_at in killers:
+            error = f"its process died while running it, {lost} times (the last was pid {pid})"
+            self._dead_letter(connection, job_id, text, attempts, error, enqueued_at, now)
+
+    def _dead_letter(
+        self,
+        connection: sqlite3.Connection,
+        job_id: int,
+        payload: str,
+        attempts: int,
+        error: str,
+        enqueued_at: float,
+        now: float,
+    ) -> None:
+        """Move a job to the dead letters, in the caller's transaction."""
+        connection.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        connection.execute(
+            "INSERT INTO dead_letters (id, payload, attempts, error, enqueued_at, died_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (job_id, payload, attempts, error, enqueued_at, now),
+        )
+        self._log(connection, [job_id], "dead", error, now)
 
     def _conn(self) -> sqlite3.Connection:
         connection = self._connection
