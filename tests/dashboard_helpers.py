@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tests.polling import wait_for as wait_for
+
 if TYPE_CHECKING:
     # mypy knows the source folder as "dashboard"; it is installed as nursery_down.dashboard.
     from dashboard import DashboardInfo as DashboardInfo
@@ -49,18 +51,6 @@ CHROMIUM_ARGS = [
     "--no-first-run",
     "--disable-quic",
 ]
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = PATIENCE, what: str = "it") -> Any:
-    """Poll *predicate* every 20 ms until it returns something truthy; fail after *timeout*."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)  # polling a subprocess: nothing to wait on but time
 
 
 @dataclass

@@ -14,6 +14,7 @@ import pytest
 import trio
 
 from nursery_down.queues import QueueStatistics, SQLiteQueue
+from tests.polling import wait_for_line
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "queue_worker.py"
 
@@ -34,13 +35,6 @@ def start(queue_path: Path, log: Path, *, rate: str = "50") -> subprocess.Popen[
         )
 
 
-def wait_for(log: Path, text: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in log.read_text():
-        assert time.monotonic() < deadline, log.read_text()
-        time.sleep(0.02)
-
-
 def statistics(queue_path: Path) -> QueueStatistics:
     async def read() -> QueueStatistics:
         async with SQLiteQueue(queue_path) as queue:  # opening requeues orphaned leases
@@ -53,7 +47,7 @@ def test_sigterm_finishes_in_flight_messages_and_exits_0(tmp_path: Path) -> None
     queue_path, log = tmp_path / "q.sqlite3", tmp_path / "run.log"
     worker = start(queue_path, log, rate="100")
     try:
-        wait_for(log, "every service started")
+        wait_for_line(log, "every service started")
         time.sleep(1.5)  # a backlog builds: 100 messages/s, 20 workers, 0.4 s each
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(timeout=20) == 0, log.read_text()
@@ -73,7 +67,7 @@ def test_sigkill_loses_nothing_and_the_next_run_finishes_the_work(tmp_path: Path
     queue_path, log = tmp_path / "q.sqlite3", tmp_path / "run.log"
     worker = start(queue_path, log)
     try:
-        wait_for(log, "every service started")
+        wait_for_line(log, "every service started")
         time.sleep(1.0)
     finally:
         worker.kill()  # SIGKILL: no drain, leases left behind

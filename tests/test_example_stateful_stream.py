@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -12,6 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from tests.polling import wait_for_line
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "stateful_stream.py"
 
@@ -29,16 +30,6 @@ def start(state_dir: Path, log: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             [sys.executable, str(EXAMPLE)], stdout=output, stderr=subprocess.STDOUT, env=env
         )
-
-
-def wait_for_line(log: Path, pattern: str, timeout: float = 20.0) -> re.Match[str]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        match = re.search(pattern, log.read_text())
-        if match:
-            return match
-        time.sleep(0.02)
-    raise AssertionError(f"{pattern!r} not in {log}:\n{log.read_text()}")
 
 
 def test_a_drained_instance_hands_over_to_a_waiting_one(tmp_path: Path) -> None:
