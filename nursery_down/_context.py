@@ -185,8 +185,8 @@ class ServiceContext:
 
     def _set_deadline(self, deadline: float) -> None:
         self._deadline = deadline
-        # Workers carry the deadline whether or not a job runs in them now: a job
-        # raises its worker's shield and so relies on that scope's deadline alone.
+        # Worker scopes carry the deadline whether or not a job runs in them now: a
+        # job that uses one as its shield relies on that scope's deadline alone.
         for host in self._shield_hosts.values():
             host.scope.deadline = deadline
         for job in self._counters.in_flight:
