@@ -11,11 +11,8 @@ import trio
 import trio.testing
 
 import nursery_down as nd
-from nursery_down.queues import MemoryQueue, QueuedJob, QueueStatistics, SQLiteQueue
-
-
-def stats(queued: int = 0, leased: int = 0, done: int = 0, dead: int = 0) -> QueueStatistics:
-    return QueueStatistics(queued=queued, leased=leased, done=done, dead=dead)
+from nursery_down.queues import MemoryQueue, QueuedJob, SQLiteQueue
+from tests.queue_helpers import stats
 
 
 class RecordingQueue(MemoryQueue):

@@ -12,12 +12,8 @@ from nursery_down.queues import (
     MemoryQueue,
     NotLeasedError,
     QueuedJob,
-    QueueStatistics,
 )
-
-
-def stats(queued: int = 0, leased: int = 0, done: int = 0, dead: int = 0) -> QueueStatistics:
-    return QueueStatistics(queued=queued, leased=leased, done=done, dead=dead)
+from tests.queue_helpers import stats
 
 
 def test_memory_queue_is_a_job_source() -> None:

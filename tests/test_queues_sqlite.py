@@ -25,14 +25,10 @@ from nursery_down.queues import (
     QueueCorruptError,
     QueuedJob,
     QueueLockedError,
-    QueueStatistics,
     QueueUnwritableError,
     SQLiteQueue,
 )
-
-
-def stats(queued: int = 0, leased: int = 0, done: int = 0, dead: int = 0) -> QueueStatistics:
-    return QueueStatistics(queued=queued, leased=leased, done=done, dead=dead)
+from tests.queue_helpers import stats
 
 
 def history(path: Path) -> list[tuple[int, str]]:
