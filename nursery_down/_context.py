@@ -190,7 +190,7 @@ class ServiceContext:
         for host in self._shield_hosts.values():
             host.scope.deadline = deadline
         for job in self._counters.in_flight:
-            if job._context is self:
+            if job._context is self and job._host is None:  # lent scopes are set above
                 job._set_deadline(deadline)
 
     def _close(self) -> None:

@@ -77,9 +77,9 @@ class Job:
                 "take work through ctx.intake(), which stops handing out items when a "
                 "drain begins, or check ctx.draining first"
             )
-        # Each job has its own shield: only its deadline, which stays at infinity
-        # until a drain sets it to the grace deadline, can cancel it. A task that runs
-        # in a scope of ours for its whole life lends that scope as the shield, which
+        # Each job is shielded: only its deadline, which stays at infinity until a
+        # drain sets it to the grace deadline, can cancel it. A task that runs in a
+        # scope of ours for its whole life lends that scope as the shield, which
         # costs a fraction of entering a new one (see _workers).
         task = trio.lowlevel.current_task()
         host = context._shield_hosts.get(task)
