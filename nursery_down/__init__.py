@@ -32,7 +32,7 @@ from ._run import open_supervisor as open_supervisor
 from ._run import run as run
 from ._signals import serve_signals as serve_signals
 from ._spec import Backoff as Backoff
-from ._spec import RestartPolicy as RestartPolicy
+from ._state import RestartPolicy as RestartPolicy
 from ._state import ServiceState as ServiceState
 from ._supervisor import EXIT_FAILED as EXIT_FAILED
 from ._supervisor import EXIT_HARD_CANCELLED as EXIT_HARD_CANCELLED

@@ -20,12 +20,10 @@ of a grace that promised to let them finish.
 
 from __future__ import annotations
 
-import math
-import os
 from dataclasses import dataclass
 
-from ._exceptions import ConfigurationError
-from ._spec import is_finite_number
+from ._validate import require_seconds
+from ._validate import seconds_from_environ as seconds_from_environ
 
 #: Seconds allowed for each service to stop once its jobs are over; see the module doc.
 STOP_MARGIN_PER_SERVICE = 1.0
@@ -99,27 +97,4 @@ def grace_budget(
 
 def check_seconds(what: str, value: object, *, positive: bool = False) -> float:
     """*value* as float seconds; :class:`ConfigurationError` unless finite and >= 0 (> 0)."""
-    if not is_finite_number(value) or value < 0 or (positive and value == 0):
-        bound = "> 0" if positive else ">= 0"
-        raise ConfigurationError(
-            f"the {what} must be a finite number of seconds {bound}, got {value!r}"
-        )
-    return float(value)
-
-
-def seconds_from_environ(name: str, what: str, *, positive: bool = False) -> float | None:
-    """The seconds in environment variable *name*, None when unset or empty."""
-    text = os.environ.get(name, "").strip()
-    if not text:
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        bound = "> 0" if positive else ">= 0"
-        raise ConfigurationError(
-            f"{name}={text!r} is not a valid {what}: set it to a number of seconds {bound}, "
-            "or unset it"
-        )
-    return value
+    return require_seconds(f"the {what}", value, positive=positive)

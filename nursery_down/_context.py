@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Hashable
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import trio
 
+from ._drain import Drain
 from ._exceptions import ConfigurationError
 from ._jobs import Job, JobCounters
-from ._spec import is_async_function, is_count
-from ._workers import ShieldHost, Worker, WorkerGroup
-
-if TYPE_CHECKING:
-    from ._supervisor import _ServiceRecord
+from ._validate import is_async_function, is_count
+from ._workers import Worker, WorkerGroup
 
 T = TypeVar("T")
 
@@ -36,39 +33,37 @@ class ServiceContext:
                     await handle(msg)
     """
 
-    def __init__(self, record: _ServiceRecord) -> None:
-        self._record = record
-        self._counters: JobCounters = record.counters
-        self._draining = False
-        self._drain_event = trio.Event()
-        self._deadline = math.inf
-        self._late_admissions = 0
+    def __init__(
+        self,
+        name: str,
+        drain: Drain,
+        counters: JobCounters,
+        on_ready: Callable[[ServiceContext], None],
+    ) -> None:
+        self._name = name
+        # Whether this run of the service is draining, and until when: asked, never kept.
+        self._drain = drain
+        self._counters = counters
+        self._on_ready = on_ready
         self._ready_called = False
-        self._intake_clones: set[trio.MemoryReceiveChannel[Any]] = set()
-        self._intake_scopes: set[trio.CancelScope] = set()
-        # The workers started by run_workers, and the service's own task: a job
-        # block directly in one of them uses its scope as the shield (see Job).
-        self._shield_hosts: dict[trio.lowlevel.Task, ShieldHost] = {}
         self._health = "ok"
-        # The clock's own method: trio.current_time() looks the clock up on each call.
-        self._now = trio.lowlevel.current_clock().current_time
 
     # -- what a service reads -----------------------------------------------------------
 
     @property
     def name(self) -> str:
         """The service's name."""
-        return self._record.spec.name
+        return self._name
 
     @property
     def draining(self) -> bool:
         """True once a drain of this service began: take no new work."""
-        return self._draining
+        return self._drain.draining
 
     @property
     def deadline(self) -> float:
         """The trio time at which in-flight jobs are hard-cancelled; ``inf`` until a drain."""
-        return self._deadline
+        return self._drain.deadline
 
     @property
     def health(self) -> str:
@@ -87,11 +82,11 @@ class ServiceContext:
         if self._ready_called:
             return
         self._ready_called = True
-        self._record.supervisor._service_ready(self._record, self)
+        self._on_ready(self)
 
     async def wait_draining(self) -> None:
         """Wait until a drain of this service begins."""
-        await self._drain_event.wait()
+        await self._drain.began.wait()
 
     # -- taking work ------------------------------------------------------------------
 
@@ -121,7 +116,7 @@ class ServiceContext:
         it finish until the grace deadline, then hard-cancels it. Entering it after
         the drain began raises :class:`DrainingError`.
         """
-        return Job(self, key, info)
+        return Job(self._drain, self._counters, self._name, key, info)
 
     async def run_workers(self, count: int, worker: Worker, *args: Any) -> None:
         """Run *count* copies of ``worker(*args)`` at once; return when all have returned.
@@ -159,45 +154,11 @@ class ServiceContext:
                 f"run_workers' worker {getattr(worker, '__name__', worker)!r} must be an "
                 "async function (define it with 'async def')"
             )
-        group = WorkerGroup(self, count)
+        group = WorkerGroup(self._drain, count)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(group.watch, name=f"{self.name} workers' watcher")
             for index in range(count):
                 nursery.start_soon(group.host, worker, args, name=f"{self.name} worker {index}")
-
-    # -- driven by the supervisor ------------------------------------------------------
-
-    def _admit_late_item(self) -> bool:
-        if self._late_admissions:
-            self._late_admissions -= 1
-            return True
-        return False
-
-    def _begin_drain(self, deadline: float) -> None:
-        self._draining = True
-        self._drain_event.set()
-        for clone in self._intake_clones:
-            clone.close()
-        self._intake_clones.clear()
-        for scope in self._intake_scopes:
-            scope.cancel()
-        self._set_deadline(deadline)
-
-    def _set_deadline(self, deadline: float) -> None:
-        self._deadline = deadline
-        # Worker scopes carry the deadline whether or not a job runs in them now: a
-        # job that uses one as its shield relies on that scope's deadline alone.
-        for host in self._shield_hosts.values():
-            host.scope.deadline = deadline
-        for job in self._counters.in_flight:
-            if job._context is self and job._host is None:  # lent scopes are set above
-                job._set_deadline(deadline)
-
-    def _close(self) -> None:
-        self._shield_hosts.clear()
-        for clone in self._intake_clones:
-            clone.close()
-        self._intake_clones.clear()
 
 
 class _IntakeBase(Generic[T]):
@@ -211,7 +172,7 @@ class _IntakeBase(Generic[T]):
     async def _late(self, item: T) -> T:
         """An item received in the same instant a drain began."""
         if self._release is None:
-            self._context._late_admissions += 1
+            self._context._drain.admit_late_item()
             return item
         result = self._release(item)
         if inspect.isawaitable(result):
@@ -227,14 +188,15 @@ class _ChannelIntake(_IntakeBase[T]):
         release: ReleaseFunction | None,
     ) -> None:
         super().__init__(context, release)
+        self._drain = context._drain
         self._clone: trio.MemoryReceiveChannel[T] | None = None
-        if not context._draining:
+        if not self._drain.draining:
             self._clone = channel.clone()
-            context._intake_clones.add(self._clone)
+            self._drain.add_intake_clone(self._clone)
 
     async def __anext__(self) -> T:
         clone = self._clone
-        if self._context._draining or clone is None:
+        if self._drain.draining or clone is None:
             raise StopAsyncIteration
         try:
             item = await clone.receive()
@@ -247,7 +209,7 @@ class _ChannelIntake(_IntakeBase[T]):
 
     def _finish(self) -> None:
         if self._clone is not None:
-            self._context._intake_clones.discard(self._clone)
+            self._drain.discard_intake_clone(self._clone)
             self._clone.close()
             self._clone = None
 
@@ -263,19 +225,19 @@ class _GenericIntake(_IntakeBase[T]):
         self._iterator = aiter(source)
 
     async def __anext__(self) -> T:
-        context = self._context
-        if context._draining:
+        drain = self._context._drain
+        if drain.draining:
             raise StopAsyncIteration
         # An arbitrary iterable cannot be woken from outside, so each wait runs in a
         # scope that the drain cancels. (Memory channels take the cheaper path above.)
         with trio.CancelScope() as scope:
-            context._intake_scopes.add(scope)
+            drain.add_intake_scope(scope)
             try:
                 item = await anext(self._iterator)
             finally:
-                context._intake_scopes.discard(scope)
+                drain.discard_intake_scope(scope)
         if scope.cancelled_caught:
             raise StopAsyncIteration
-        if context.draining:
+        if self._context.draining:
             return await self._late(item)
         return item

@@ -12,8 +12,7 @@ import trio
 from ._exceptions import DrainingError
 
 if TYPE_CHECKING:
-    from ._context import ServiceContext
-    from ._workers import ShieldHost
+    from ._drain import Drain, ShieldHost
 
 JobOutcome = Literal["running", "completed", "failed", "hard_cancelled"]
 
@@ -43,12 +42,36 @@ class Job:
     after a drain began; then the block is cancelled, :attr:`outcome` becomes
     ``"hard_cancelled"`` and the cancellation carries on out of the block, so code
     after it (an ack, say) does not run as though the job had finished.
+
+    A job block in a task that does not run under the service (a request handler
+    in the program's own nursery) is cut the same way at the deadline, but nothing
+    above it is cancelled: the block ends and execution goes on after it, so check
+    :attr:`outcome` there before acting as though the job had finished.
     """
 
-    __slots__ = ("_context", "_host", "_scope", "info", "key", "outcome", "started")
+    __slots__ = (
+        "_counters",
+        "_drain",
+        "_host",
+        "_scope",
+        "_service",
+        "info",
+        "key",
+        "outcome",
+        "started",
+    )
 
-    def __init__(self, context: ServiceContext, key: Hashable, info: dict[str, Any]) -> None:
-        self._context = context
+    def __init__(
+        self,
+        drain: Drain,
+        counters: JobCounters,
+        service: str,
+        key: Hashable,
+        info: dict[str, Any],
+    ) -> None:
+        self._drain = drain
+        self._counters = counters
+        self._service = service
         self._scope: trio.CancelScope | None = None
         self._host: ShieldHost | None = None
         #: The key given to ``ctx.job()``, shown on the dashboard.
@@ -65,33 +88,30 @@ class Job:
         """The trio time at which this job is hard-cancelled (``inf`` until a drain begins)."""
         return self._scope.deadline if self._scope is not None else math.inf
 
-    def _set_deadline(self, deadline: float) -> None:
-        if self._scope is not None:
-            self._scope.deadline = deadline
-
     async def __aenter__(self) -> Job:
-        context = self._context
-        if context._draining and not context._admit_late_item():
+        drain = self._drain
+        if drain.draining and not drain.take_late_admission():
             raise DrainingError(
-                f"service {context.name!r} is draining, so job {self.key!r} cannot start; "
+                f"service {self._service!r} is draining, so job {self.key!r} cannot start; "
                 "take work through ctx.intake(), which stops handing out items when a "
                 "drain begins, or check ctx.draining first"
             )
         # Each job is shielded: only its deadline, which stays at infinity until a
         # drain sets it to the grace deadline, can cancel it. A task that runs in a
         # scope of ours for its whole life lends that scope as the shield, which
-        # costs a fraction of entering a new one (see _workers).
+        # costs a fraction of entering a new one (see ShieldHost).
         task = trio.lowlevel.current_task()
-        host = context._shield_hosts.get(task)
-        if host is not None and host.lend(task, context._deadline):
+        host = drain.shield_hosts.get(task)
+        if host is not None and host.lend(task, drain.deadline):
             self._host = host
             scope = host.scope
         else:
-            scope = trio.CancelScope(shield=True, deadline=context._deadline)
+            scope = trio.CancelScope(shield=True, deadline=drain.deadline)
             scope.__enter__()
+            drain.job_scopes.add(scope)
         self._scope = scope
-        self.started = context._now()
-        context._counters.in_flight[self] = None
+        self.started = drain.now()
+        self._counters.in_flight[self] = None
         return self
 
     async def __aexit__(
@@ -100,12 +120,13 @@ class Job:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
-        counters = self._context._counters
+        counters = self._counters
         del counters.in_flight[self]
         scope = self._scope
         assert scope is not None
         host = self._host
         if host is None:
+            self._drain.job_scopes.discard(scope)
             try:
                 scope.__exit__(exc_type, exc, tb)
             except BaseException:
@@ -117,13 +138,20 @@ class Job:
             host.give_back()
             hard_cancelled = exc is not None and scope.cancel_called and _is_cancellation(exc)
         if hard_cancelled:
-            # The grace deadline passed. Returning False lets the Cancelled carry on
-            # to the scope that shares that deadline (the service's own, or the
-            # worker's): the code after the block must not run as if the job had
-            # finished.
             self.outcome = "hard_cancelled"
             counters.hard_cancelled += 1
-            return False
+            if host is not None:
+                # The Cancelled carries on to the lent scope, which shares the deadline
+                # and absorbs it: the code after the block must not run as if the job
+                # had finished.
+                return False
+            # The same holds for a scope of the service around this task (a worker
+            # in the service's own nursery): it is cancelled by the same deadline and
+            # absorbs the Cancelled. Outside the service's task tree (a request
+            # handler of the program's own, say) nothing above asked for a
+            # cancellation: the block ends like ``move_on_at`` and ``outcome`` says
+            # it was cut, so nothing else is disturbed.
+            return trio.current_effective_deadline() > trio.current_time()
         if exc is None:
             self.outcome = "completed"
             counters.completed += 1

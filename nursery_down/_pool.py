@@ -12,7 +12,8 @@ import trio
 from ._context import ServiceContext
 from ._exceptions import ConfigurationError
 from ._jobs import Job
-from ._spec import ServiceFunction, is_async_function, is_count
+from ._spec import ServiceFunction
+from ._validate import is_async_function, is_count
 from .queues._source import JobSource, QueuedJob
 
 logger = logging.getLogger("nursery_down")
@@ -103,7 +104,9 @@ class _WorkerJob(Job):
     def __init__(self, context: ServiceContext, scope: trio.CancelScope) -> None:
         # Job.__init__ is not called: the worker runs the block, not
         # Job.__aenter__/__aexit__, and fills in key, info and started per job.
-        self._context = context
+        self._drain = context._drain
+        self._counters = context._counters
+        self._service = context.name
         self._scope = scope
         self._host = None
         self.key = None
@@ -134,9 +137,10 @@ async def _produce(
     # Closing the send side is the workers' signal to stop: it happens here, on
     # the producer side, the moment the drain cancels the producer.
     claim_nowait = _fast_path(source, "claim_nowait")
+    drain = ctx._drain
     async with send, trio.open_nursery() as nursery:
         nursery.start_soon(_cancel_on_drain, ctx, nursery.cancel_scope)
-        while not ctx._draining:
+        while not drain.draining:
             if claim_nowait is None:
                 job = await source.claim()
             else:
@@ -146,7 +150,7 @@ async def _produce(
                     job = await source.claim()
             if job is None:  # the source is closed and exhausted
                 break
-            if ctx._drain_event.is_set():  # claimed in the very instant the drain began
+            if drain.began.is_set():  # claimed in the very instant the drain began
                 await _shielded(source.release, job)
                 break
             try:
@@ -172,7 +176,9 @@ async def _work(
 ) -> None:
     counters = ctx._counters
     in_flight = counters.in_flight
-    now = ctx._now
+    drain = ctx._drain
+    job_scopes = drain.job_scopes
+    now = drain.now
     # One shielded scope for the worker's whole life: only its own deadline (the
     # grace deadline, moved through the job registered while one runs) can cut a
     # job, never a drain or a crashing sibling. Toggling the shield around each job
@@ -183,7 +189,7 @@ async def _work(
     with trio.CancelScope(shield=True) as scope:
         job = _WorkerJob(ctx, scope)
         async for queued in receive:
-            if ctx._draining:
+            if drain.draining:
                 # Handed over in the instant the drain began: not started, so it
                 # goes back rather than starting after the drain.
                 await _shielded(source.release, queued)
@@ -192,10 +198,13 @@ async def _work(
             job.info = _FIRST_ATTEMPT if not queued.attempts else {"attempt": queued.attempts + 1}
             job.started = now()
             in_flight[job] = None
+            # While the job runs, the drain moves this scope's deadline with the others.
+            job_scopes.add(scope)
             try:
                 await handler(queued)
             except Exception as exc:
                 del in_flight[job]
+                job_scopes.discard(scope)
                 counters.failed += 1
                 logger.warning(
                     "service %s: job %r failed on attempt %d: %s: %s",
@@ -212,6 +221,7 @@ async def _work(
                     await _settle_after_deadline(scope, source.fail, queued, exc)
             except BaseException:
                 del in_flight[job]
+                job_scopes.discard(scope)
                 if scope.cancel_called:  # only the grace deadline reaches a shielded job
                     counters.hard_cancelled += 1
                 else:  # KeyboardInterrupt and the like: still not lost
@@ -220,6 +230,7 @@ async def _work(
                 raise
             else:
                 del in_flight[job]
+                job_scopes.discard(scope)
                 counters.completed += 1
                 # With no deadline on the shielded scope nothing can cut the ack
                 # (reading the deadline is much cheaper than cancel_called).

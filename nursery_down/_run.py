@@ -15,8 +15,8 @@ from ._budget import check_seconds, grace_budget, seconds_from_environ
 from ._exceptions import ConfigurationError, NurseryDownError
 from ._notify import serve_notify
 from ._signals import holding_signals, serve_signals
-from ._spec import _require_finite
-from ._supervisor import EXIT_FAILED, EXIT_HARD_CANCELLED, EXIT_USAGE, Supervisor
+from ._supervisor import EXIT_FAILED, EXIT_USAGE, Supervisor
+from ._validate import require_seconds
 
 logger = logging.getLogger("nursery_down")
 
@@ -84,11 +84,11 @@ async def open_supervisor(
             try:
                 yield supervisor
             except BaseException:
-                if supervisor.running:
-                    supervisor._escalate_app()
+                if supervisor.app_state in ("starting", "running", "draining"):
+                    supervisor.escalate_nowait(actor="the program leaving its block")
                 raise
-            if supervisor.running:
-                supervisor._begin_app_drain(None)
+            if supervisor.app_state in ("starting", "running"):
+                supervisor.drain_nowait(actor="the program leaving its block")
             await supervisor.wait_finished()
             # The dashboard ends by itself once the supervisor stopped (it closes its
             # event streams first); this bound only guards against a stuck peer.
@@ -139,8 +139,7 @@ def run(
     :func:`open_supervisor`.
     """
     if grace is not None:
-        _require_finite("grace", grace, minimum=0.0)
-        supervisor.grace = float(grace)
+        supervisor.grace = require_seconds("grace", grace)
     if outer_deadline is not None:
         check_seconds("outer deadline", outer_deadline, positive=True)
     if pre_drain is not None:
@@ -184,7 +183,11 @@ def run(
 
 
 def _exit_code_for(exc: BaseException) -> int:
-    """Map what escaped trio.run to an exit code, with one clear log line."""
+    """Map what escaped trio.run to an exit code, with one clear log line.
+
+    By then every job has had at most its grace (the supervisor sees to that
+    whatever ends it), so this only names the cause.
+    """
     leaves = _leaves(exc)
     for leaf in leaves:
         if isinstance(leaf, ConfigurationError):
@@ -194,12 +197,19 @@ def _exit_code_for(exc: BaseException) -> int:
         if isinstance(leaf, NurseryDownError):
             logger.error("%s", leaf)
             return EXIT_FAILED
+    for leaf in leaves:
+        if isinstance(leaf, SystemExit):
+            code = leaf.code
+            logger.error(
+                "the program was ended by SystemExit(%r) raised inside it; work in flight "
+                "had at most its grace",
+                code,
+            )
+            # Ending by exception is never "every job finished": keep a failing code.
+            return code if isinstance(code, int) and 0 < code < 256 else EXIT_FAILED
     if all(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
-        # Only possible in the instant before the signal receiver opened or after it closed.
-        logger.warning("interrupted outside the drain: work may have been cut short")
-        return EXIT_HARD_CANCELLED
-    if any(isinstance(leaf, SystemExit) for leaf in leaves):
-        raise exc
+        logger.error("KeyboardInterrupt ended the program; work in flight had at most its grace")
+        return EXIT_FAILED
     logger.error("the program crashed", exc_info=exc)
     return EXIT_FAILED
 

@@ -36,13 +36,9 @@ async def serve_signals(
         ) from None
     with receiver as signals:
         task_status.started()
-        if _held:
-            # Signals that arrived before the receiver opened were held, not lost:
-            # apply them as soon as the supervisor runs.
-            while not supervisor.running:
-                await supervisor._changed.wait()
-            while _held:
-                dispatch_signal(supervisor, _held.pop(0))
+        # Signals that arrived before the receiver opened were held, not lost.
+        while _held:
+            dispatch_signal(supervisor, _held.pop(0))
         async for signum in signals:
             dispatch_signal(supervisor, signum)
 
@@ -73,19 +69,20 @@ def holding_signals() -> Iterator[None]:
 
 
 def dispatch_signal(supervisor: Supervisor, signum: int) -> None:
-    """Apply one signal to *supervisor* (what :func:`serve_signals` does for each)."""
-    if not supervisor.running:
+    """Apply one signal to *supervisor* (what :func:`serve_signals` does for each).
+
+    A signal is honoured at any instant before the supervisor stopped: one that
+    arrives before its services run is applied the moment they do.
+    """
+    if supervisor.app_state == "stopped":
         return
     name = signal.Signals(signum).name
     supervisor._publish_signal(name)
     actor = f"signal {name}"
     if signum == signal.SIGHUP:
         if not supervisor.draining:
-            supervisor._action("restart", None, actor)
-            supervisor._begin_rolling_restart()
+            supervisor.restart_nowait(actor=actor)
     elif supervisor.draining:
-        supervisor._action("escalate", None, actor)
-        supervisor._escalate_app()
+        supervisor.escalate_nowait(actor=actor)
     else:
-        supervisor._action("drain", None, actor)
-        supervisor._begin_app_drain(None)
+        supervisor.drain_nowait(actor=actor)

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import inspect
-import math
 import random
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, TypeGuard, get_args
+from typing import TYPE_CHECKING, get_args
 
-from ._exceptions import ConfigurationError
+from ._exceptions import ConfigurationError, DependencyCycleError
+from ._state import RestartPolicy
+from ._validate import is_async_function, require_seconds
 
 if TYPE_CHECKING:
     from ._context import ServiceContext
-
-#: When a service whose function ended is started again:
-#: ``"permanent"`` always, ``"transient"`` only after an error, ``"temporary"`` never.
-RestartPolicy = Literal["permanent", "transient", "temporary"]
 
 ServiceFunction = Callable[["ServiceContext"], Awaitable[None]]
 
@@ -37,10 +33,10 @@ class Backoff:
     jitter: float = 0.1
 
     def __post_init__(self) -> None:
-        _require_finite("Backoff.initial", self.initial, minimum=0.0)
-        _require_finite("Backoff.factor", self.factor, minimum=1.0)
-        _require_finite("Backoff.maximum", self.maximum, minimum=self.initial)
-        _require_finite("Backoff.jitter", self.jitter, minimum=0.0)
+        require_seconds("Backoff.initial", self.initial)
+        require_seconds("Backoff.factor", self.factor, minimum=1.0)
+        require_seconds("Backoff.maximum", self.maximum, minimum=self.initial)
+        require_seconds("Backoff.jitter", self.jitter)
         if self.jitter >= 1.0:
             raise ConfigurationError(f"Backoff.jitter must be below 1.0, got {self.jitter!r}")
 
@@ -97,13 +93,13 @@ def make_spec(
     if service_name in dependencies:
         raise ConfigurationError(f"service {service_name!r} cannot start after itself")
     if grace is not None:
-        _require_finite(f"service {service_name!r}: grace", grace, minimum=0.0)
+        require_seconds(f"service {service_name!r}: grace", grace)
     if not isinstance(max_restarts, int) or max_restarts < 0:
         raise ConfigurationError(
             f"service {service_name!r}: max_restarts must be a whole number >= 0, "
             f"got {max_restarts!r}"
         )
-    _require_finite(f"service {service_name!r}: within", within, minimum=0.0)
+    require_seconds(f"service {service_name!r}: within", within)
     return ServiceSpec(
         name=service_name,
         function=function,
@@ -116,40 +112,12 @@ def make_spec(
     )
 
 
-def is_async_function(function: object) -> bool:
-    """True for an async function, or a partial of one, or an object with async ``__call__``."""
-    target = function
-    while hasattr(target, "func"):
-        target = target.func
-    if inspect.iscoroutinefunction(target):
-        return True
-    call = getattr(target, "__call__", None)  # noqa: B004  # an object with async __call__
-    return inspect.iscoroutinefunction(call)
-
-
-def is_count(value: object) -> TypeGuard[int]:
-    """True for a whole number of one or more (and not a bool): a number of workers."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def is_finite_number(value: object) -> TypeGuard[int | float]:
-    """True for an int or float that is neither infinite nor NaN (and not a bool)."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _require_finite(what: str, value: object, *, minimum: float) -> None:
-    if not is_finite_number(value) or value < minimum:
-        raise ConfigurationError(f"{what} must be a number >= {minimum:g}, got {value!r}")
-
-
 def start_order(specs: list[ServiceSpec]) -> list[ServiceSpec]:
     """Registration order, moved only as far as ``after=`` requires (a stable topological sort).
 
     Raises :class:`ConfigurationError` for an unknown dependency and
     :class:`DependencyCycleError` for a cycle, naming the services involved.
     """
-    from ._exceptions import DependencyCycleError
-
     by_name = {spec.name: spec for spec in specs}
     for spec in specs:
         for dependency in spec.after:

@@ -1,42 +1,37 @@
-"""Supervisor: runs services in one nursery, in order, and drives the drain state machine."""
+"""Supervisor: runs services in one nursery, in order, and drives the drain state machine.
+
+The supervisor owns the services' records and the whole-app state. Each service
+run's drain belongs to its :class:`~nursery_down._drain.Drain`; the supervisor only
+tells it when to begin and where the deadline is. Every change of a service's
+state goes through :meth:`Supervisor._transition`, which asks ``_state`` whether it
+is legal and publishes exactly one event.
+"""
 
 from __future__ import annotations
 
-import collections
 import logging
 import math
-import os
 import random
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any, Literal, overload
 
 import trio
 
 from ._context import ServiceContext
+from ._drain import Drain, ShieldHost
 from ._events import Event, EventHub, Subscription
-from ._exceptions import (
-    ConfigurationError,
-    InvalidTransitionError,
-    UnknownServiceError,
-)
-from ._jobs import JobCounters
-from ._spec import (
-    Backoff,
-    ServiceFunction,
-    ServiceSpec,
-    _require_finite,
-    make_spec,
-    start_order,
-)
-from ._state import ACTIVE_STATES, ServiceState, check_transition
-from ._workers import ShieldHost
+from ._exceptions import ConfigurationError, InvalidTransitionError, UnknownServiceError
+from ._records import ServiceRecord
+from ._snapshot import build_snapshot
+from ._spec import Backoff, ServiceFunction, make_spec, start_order
+from ._state import ACTIVE_STATES, ServiceState, Trigger, after_exit, next_state
+from ._validate import require_seconds
 
 logger = logging.getLogger("nursery_down")
 
-#: The application as a whole: ``starting`` until every service is up, ``running``,
-#: ``draining`` once a whole-app drain began, ``stopped`` when it is over.
+#: The application as a whole: ``idle`` before it runs, ``starting`` until every
+#: service is up, ``running``, ``draining`` once a whole-app drain began, ``stopped``.
 AppState = Literal["idle", "starting", "running", "draining", "stopped"]
 
 #: Exit codes of :func:`nursery_down.run`.
@@ -45,30 +40,7 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_HARD_CANCELLED = 3
 
-
-@dataclass(eq=False)
-class _ServiceRecord:
-    """The supervisor's bookkeeping for one service, across all of its restarts."""
-
-    spec: ServiceSpec
-    supervisor: Supervisor
-    state: ServiceState = ServiceState.STOPPED
-    since: float = field(default_factory=time.time)
-    counters: JobCounters = field(default_factory=JobCounters)
-    restarts: int = 0
-    recent_restarts: collections.deque[float] = field(default_factory=collections.deque)
-    context: ServiceContext | None = None
-    scope: trio.CancelScope | None = None
-    backoff_scope: trio.CancelScope | None = None
-    settled: trio.Event = field(default_factory=trio.Event)
-    last_error: str | None = None
-    # Stopped on purpose by a per-service drain: the app keeps running without it.
-    held: bool = False
-    restart_pending: bool = False
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
+S = ServiceState
 
 
 class Supervisor:
@@ -89,6 +61,10 @@ class Supervisor:
     for *pre_drain* seconds, so that load balancers stop sending it traffic; then the
     drain proper begins in stop order, and the grace counts from there. An escalate
     (or a second SIGTERM/SIGINT, which escalates) ends the delay at once.
+
+    Whatever ends the supervisor (every service ended, the whole app drained, an
+    outside cancellation, or an exception such as ``SystemExit`` tearing its
+    nursery down), no job keeps running past the grace.
     """
 
     def __init__(
@@ -106,18 +82,16 @@ class Supervisor:
             raise ConfigurationError(
                 "a supervisor needs a non-empty name, e.g. Supervisor('orders')"
             )
-        _require_finite("grace", grace, minimum=0.0)
-        _require_finite("pre_drain", pre_drain, minimum=0.0)
         self.name = name
-        self.grace = float(grace)
+        self.grace = require_seconds("grace", grace)
         #: Seconds a whole-app drain keeps every service serving before it begins.
-        self.pre_drain = float(pre_drain)
+        self.pre_drain = require_seconds("pre_drain", pre_drain)
         self._default_max_restarts = max_restarts
         self._default_within = within
         self._backoff = backoff
         self._rng = random.Random(seed)
-        self._records: dict[str, _ServiceRecord] = {}
-        self._order: list[_ServiceRecord] = []
+        self._records: dict[str, ServiceRecord] = {}
+        self._order: list[ServiceRecord] = []
         self._hub = EventHub()
         self._nursery: trio.Nursery | None = None
         self._app_state: AppState = "idle"
@@ -125,6 +99,13 @@ class Supervisor:
         self._changed = trio.Event()
         self._finished = trio.Event()
         self._exit_code: int | None = None
+        # Something other than a service's own crash tore the supervisor down.
+        self._crashed = False
+        # Asked for before the services ran (a signal during start-up of the program):
+        # applied the moment they do. ``(grace, escalate)``.
+        self._early_drain: tuple[float | None, bool] | None = None
+        # A restart of every service asked for before start-up ended: runs after it.
+        self._rolling_restart_waiting = False
         self._rolling_restart = False
         # Open while a whole-app drain waits out its pre-drain delay.
         self._pre_drain_scope: trio.CancelScope | None = None
@@ -222,7 +203,7 @@ class Supervisor:
                 f"supervisor {self.name!r} already has a service named {spec.name!r}; "
                 "pass a different name="
             )
-        self._records[spec.name] = _ServiceRecord(spec=spec, supervisor=self)
+        self._records[spec.name] = ServiceRecord(spec=spec)
         return function
 
     @property
@@ -243,8 +224,9 @@ class Supervisor:
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run every service until the app has drained (or every service ended on its own).
 
-        ``task_status.started()`` fires once every service is ready. Most programs call
-        :func:`nursery_down.run` or :func:`nursery_down.open_supervisor` instead.
+        ``task_status.started()`` fires once start-up is over: every service is ready,
+        or a drain cut start-up short. Most programs call :func:`nursery_down.run` or
+        :func:`nursery_down.open_supervisor` instead.
         """
         if self._app_state != "idle":
             raise ConfigurationError(f"supervisor {self.name!r} can only run once")
@@ -253,29 +235,60 @@ class Supervisor:
         self._order = [
             by_name[spec.name] for spec in start_order([r.spec for r in by_name.values()])
         ]
+        ended_cleanly = False
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                self._set_app_state("starting", f"starting {len(self._order)} services")
-                for record in self._order:
-                    if self.draining:
-                        break
-                    self._launch(record)
-                    await record.settled.wait()
-                if self.app_state == "starting":
-                    self._set_app_state("running", "every service started")
-                    self._check_finished()  # every service may have ended while starting
-                task_status.started()
-                await self._finished.wait()
-                # Only helper tasks (a rolling restart, say) can be left: every service ended.
-                nursery.cancel_scope.cancel()
+                try:
+                    await self._start_up()
+                    task_status.started()
+                    await self._finished.wait()
+                    ended_cleanly = True
+                    # Only helper tasks can be left: every service ended.
+                    nursery.cancel_scope.cancel()
+                finally:
+                    # Whatever ends the run (an outside cancellation, an exception
+                    # tearing this nursery down), nothing in flight outlives the grace.
+                    self._cut_off()
+        except BaseException as exc:
+            if not ended_cleanly and _has_error(exc):
+                self._crashed = True
+                logger.error("supervisor %s torn down by %s", self.name, _describe(exc))
+            raise
         finally:
             self._nursery = None
             if self._exit_code is None:
                 self._exit_code = self._compute_exit_code()
             if self.app_state != "stopped":
-                self._set_app_state("stopped", "stopped")
+                self._set_app_state("stopped", f"stopped, exit code {self._exit_code}")
+            self._finished.set()
             self._hub.close()
+
+    async def _start_up(self) -> None:
+        self._set_app_state("starting", f"starting {len(self._order)} services")
+        if self._early_drain is not None:
+            grace, escalate = self._early_drain
+            self._begin_app_drain(0.0 if escalate else grace, delay=0.0 if escalate else None)
+        for record in self._order:
+            if self.draining:
+                break
+            if record.state in (S.STOPPED, S.FAILED) and not record.has_runner:
+                self._launch(record, "starting")
+            await record.settled.wait()
+        if self._app_state == "starting":
+            self._set_app_state("running", "every service started")
+            if self._rolling_restart_waiting:
+                self._rolling_restart_waiting = False
+                self._begin_rolling_restart()
+            self._check_finished()  # every service may have ended while starting
+
+    def _cut_off(self) -> None:
+        """Give everything still in flight at most the grace from now."""
+        now = trio.current_time()
+        for record in self._order:
+            if record.state in ACTIVE_STATES:
+                deadline = min(self._app_deadline, now + self._grace_of(record, None))
+                self._drain_service(record, deadline)
 
     async def wait_finished(self) -> None:
         """Wait until the supervisor stopped: drained, or every service ended on its own."""
@@ -286,6 +299,11 @@ class Supervisor:
         record = self._record(name)
         wanted = set(states)
         while record.state not in wanted:
+            await self._changed.wait()
+
+    async def wait_app_state(self, *states: AppState) -> None:
+        """Wait until the whole app is in one of *states* (``"running"``, ``"stopped"``...)."""
+        while self._app_state not in states:
             await self._changed.wait()
 
     @property
@@ -300,19 +318,27 @@ class Supervisor:
 
     @property
     def draining(self) -> bool:
-        """True once a whole-app drain began."""
-        return self._app_state == "draining"
+        """True once a whole-app drain began (or was asked for before the services ran)."""
+        return self._app_state == "draining" or (
+            self._app_state in ("idle", "starting") and self._early_drain is not None
+        )
 
     @property
     def exit_code(self) -> int | None:
-        """The exit code once stopped: 0 all jobs finished, 3 some hard-cancelled, 1 a failure."""
+        """The exit code once stopped: 0 all jobs finished, 3 some cut at the deadline,
+        1 a failure."""
         return self._exit_code
 
     def state_of(self, name: str) -> ServiceState:
         """The current state of service *name*."""
         return self._record(name).state
 
-    # -- control (every method is idempotent) ------------------------------------------
+    # -- control: each async method is the matching *_nowait call plus a checkpoint -----
+    #
+    # The async methods check for cancellation before acting and cannot be cancelled
+    # after: a caller that sees Cancelled knows nothing was done, and one that returns
+    # knows it was. The *_nowait calls act at once without blocking, for signal
+    # handlers and other synchronous code. All are idempotent.
 
     async def drain(
         self, name: str | None = None, *, grace: float | None = None, actor: str = "code"
@@ -322,82 +348,149 @@ class Supervisor:
         Intake stops at once; in-flight jobs finish until *grace* seconds from now
         (default: the service's, else the supervisor's grace), then are hard-cancelled.
         Returns as soon as the drain began; :meth:`wait_state` or :meth:`wait_finished`
-        wait for the end. Draining something already draining changes nothing.
+        wait for the end. Draining something already draining, or a service that is
+        not running, changes nothing.
         """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self.drain_nowait(name, grace=grace, actor=actor)
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def drain_nowait(
+        self, name: str | None = None, *, grace: float | None = None, actor: str = "code"
+    ) -> None:
+        """:meth:`drain` without blocking. A whole-app drain asked for before the
+        services run (a SIGTERM during the program's start-up) begins when they do."""
         if grace is not None:
-            _require_finite("grace", grace, minimum=0.0)
-        self._require_running()
+            grace = require_seconds("grace", grace)
         if name is None:
+            if self._app_state == "idle":
+                self._action("drain", None, actor)
+                if self._early_drain is None:
+                    self._early_drain = (grace, False)
+                return
+            self._require_running()
             self._action("drain", None, actor)
             self._begin_app_drain(grace)
-        else:
-            record = self._record(name)
-            self._action("drain", name, actor)
+            return
+        record = self._record(name)
+        self._require_running()
+        self._action("drain", name, actor)
+        if record.state in ACTIVE_STATES:
             record.held = True
             self._drain_service(record, trio.current_time() + self._grace_of(record, grace))
-        # Checkpoint after acting, not before: the drain takes effect in this instant.
-        await trio.lowlevel.checkpoint()
 
     async def start(self, name: str, *, actor: str = "code") -> None:
-        """Start a STOPPED or FAILED service again. A service already up is left alone."""
-        self._require_running()
+        """Start a STOPPED or FAILED service again. A service already up is left alone.
+
+        Refused (:class:`InvalidTransitionError`) while the app starts (start-up
+        starts every service in its turn), drains, or restarts every service.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self.start_nowait(name, actor=actor)
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def start_nowait(self, name: str, *, actor: str = "code") -> None:
+        """:meth:`start` without blocking."""
         record = self._record(name)
-        if self._app_state == "draining":
+        self._require_running()
+        self._refuse_during_start_up("start", name)
+        if self.draining:
             raise InvalidTransitionError(
                 f"cannot start {name!r}: the whole app is draining and will exit"
             )
-        if record.state is ServiceState.DRAINING:
+        if self._rolling_restart:
+            raise InvalidTransitionError(
+                f"cannot start {name!r} while every service restarts; it starts again in its turn"
+            )
+        if record.state is S.DRAINING:
             raise InvalidTransitionError(
                 f"cannot start {name!r} while it is draining; wait until it stopped, "
                 "or use restart to drain and start it again"
             )
         self._action("start", name, actor)
-        if record.state in (ServiceState.STOPPED, ServiceState.FAILED):
-            record.recent_restarts.clear()  # a deliberate start gets a fresh restart budget
-            self._launch(record)
-        await trio.lowlevel.checkpoint()
+        stopped = record.state in (S.STOPPED, S.FAILED) and not record.has_runner
+        # A restart under way starts it itself.
+        if stopped and not record.restart_pending:
+            record.recent_restarts.clear()  # a deliberate start: a fresh restart budget
+            self._launch(record, "starting")
 
     async def restart(self, name: str | None = None, *, actor: str = "code") -> None:
-        """Drain a service and start it again; with no name, restart every service in turn.
+        """Drain a service and start it again; with no name, restart every service.
 
-        Returns once the restart began. Asking again while one is under way does nothing.
+        A restart of every service stops them in stop order (a service stops only
+        after every service that starts after it has stopped), then starts them in
+        start order, each waiting for the one before it to be ready; the process
+        stays up. Returns once the restart began. Asking again while one is under way
+        does nothing. A restart of one service is refused while the app starts.
         """
-        self._require_running()
-        if self._app_state == "draining":
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self.restart_nowait(name, actor=actor)
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def restart_nowait(self, name: str | None = None, *, actor: str = "code") -> None:
+        """:meth:`restart` without blocking. A restart of every service asked for while
+        the app starts (a SIGHUP during start-up) begins once start-up is over."""
+        record = None if name is None else self._record(name)
+        if self.draining:
             raise InvalidTransitionError("cannot restart: the whole app is draining and will exit")
-        if name is None:
+        if record is None and self._app_state in ("idle", "starting"):
+            self._action("restart", None, actor, after_start_up=True)
+            self._rolling_restart_waiting = True
+            return
+        self._require_running()
+        if record is None:
             self._action("restart", None, actor)
             self._begin_rolling_restart()
-        else:
-            record = self._record(name)
-            self._action("restart", name, actor)
+            return
+        self._refuse_during_start_up("restart", record.name)
+        self._action("restart", record.name, actor)
+        if not self._rolling_restart:  # that one restarts this service too
             self._begin_restart(record)
-        await trio.lowlevel.checkpoint()
 
     async def escalate(self, name: str | None = None, *, actor: str = "code") -> None:
         """Hard-cancel in-flight jobs now: move the grace deadline to the present.
 
-        A service (or app) that was not draining begins a drain with no grace.
+        A service (or app) that was not draining begins a drain with no grace. A
+        service that is not running is left alone.
         """
-        self._require_running()
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self.escalate_nowait(name, actor=actor)
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def escalate_nowait(self, name: str | None = None, *, actor: str = "code") -> None:
+        """:meth:`escalate` without blocking; before the services run, as for a drain."""
         if name is None:
+            if self._app_state == "idle":
+                self._action("escalate", None, actor)
+                self._early_drain = (0.0, True)
+                return
+            self._require_running()
             self._action("escalate", None, actor)
             self._escalate_app()
-        else:
-            record = self._record(name)
-            self._action("escalate", name, actor)
-            record.held = record.held or record.state is not ServiceState.DRAINING
+            return
+        record = self._record(name)
+        self._require_running()
+        self._action("escalate", name, actor)
+        if record.state in ACTIVE_STATES:
+            record.held = True
             self._drain_service(record, trio.current_time())
-        await trio.lowlevel.checkpoint()
 
     async def extend_grace(
         self, seconds: float, name: str | None = None, *, actor: str = "code"
     ) -> None:
         """Move the grace deadline *seconds* later, for one draining service or the whole app."""
-        _require_finite("seconds", seconds, minimum=0.0)
-        self._require_running()
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self.extend_grace_nowait(seconds, name, actor=actor)
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def extend_grace_nowait(
+        self, seconds: float, name: str | None = None, *, actor: str = "code"
+    ) -> None:
+        """:meth:`extend_grace` without blocking."""
+        seconds = require_seconds("seconds", seconds)
         targets = self._order if name is None else [self._record(name)]
-        draining = [r for r in targets if r.state is ServiceState.DRAINING]
+        self._require_running()
+        draining = [r for r in targets if r.state is S.DRAINING]
         if not draining and not (name is None and self._app_state == "draining"):
             what = "nothing is draining" if name is None else f"service {name!r} is not draining"
             raise InvalidTransitionError(f"cannot extend the grace: {what}; drain it first")
@@ -407,12 +500,8 @@ class Supervisor:
             if self._pre_drain_scope is not None:
                 self._pre_drain_extension += seconds  # for services not draining yet
         for record in draining:
-            assert record.context is not None
-            assert record.scope is not None
-            deadline = record.context.deadline + seconds
-            record.context._set_deadline(deadline)
-            record.scope.deadline = deadline
-        await trio.lowlevel.checkpoint()
+            assert record.drain is not None
+            record.drain.move_deadline(record.drain.deadline + seconds)
 
     # -- reading ----------------------------------------------------------------------
 
@@ -430,108 +519,62 @@ class Supervisor:
         *max_jobs* caps the job list of each service, oldest first; ``jobs_hidden``
         says how many were left out. ``warnings`` lists what was found wrong at start
         (a grace that does not fit the outer kill deadline); ``pre_drain_until`` is the
-        wall-clock end of a pre-drain delay under way, else None.
+        wall-clock end of a pre-drain delay under way, else None. Always valid JSON:
+        no NaN or infinity anywhere.
         """
-        try:
-            now = trio.current_time()
-        except RuntimeError:  # called outside trio: no ages, no deadlines
-            now = math.nan
-        to_wall = time.time() - now
-
-        def wall(deadline: float) -> float | None:
-            return None if not math.isfinite(deadline) or math.isnan(now) else deadline + to_wall
-
-        services = []
-        for record in self._order or self._records.values():
-            counters = record.counters
-            in_flight = counters.in_flight
-            jobs = []
-            for index, job in enumerate(in_flight):
-                if max_jobs is not None and index >= max_jobs:
-                    break
-                deadline = job.deadline
-                jobs.append(
-                    {
-                        "key": job.key if isinstance(job.key, str | int | float) else str(job.key),
-                        "age": now - job.started,
-                        "deadline": wall(deadline),
-                        "time_left": (deadline - now) if math.isfinite(deadline) else None,
-                        "info": {k: _jsonable(v) for k, v in job.info.items()},
-                    }
-                )
-            context = record.context
-            deadline = context.deadline if context is not None else math.inf
-            if record.state is not ServiceState.DRAINING:
-                deadline = math.inf
-            oldest = counters.oldest_age(now)
-            services.append(
-                {
-                    "name": record.name,
-                    "state": record.state.value,
-                    "in_flight": len(in_flight),
-                    "completed": counters.completed,
-                    "failed": counters.failed,
-                    "hard_cancelled": counters.hard_cancelled,
-                    "restarts": record.restarts,
-                    "health": context.health if context is not None else "ok",
-                    "since": record.since,
-                    "oldest_job_age": oldest,
-                    "grace": self._grace_of(record, None),
-                    "grace_deadline": wall(deadline),
-                    "restart": record.spec.restart,
-                    "after": list(record.spec.after),
-                    "last_error": record.last_error,
-                    "jobs": jobs,
-                    "jobs_hidden": max(0, len(in_flight) - len(jobs)),
-                }
-            )
-        app_draining = self._app_state == "draining"
         pre_drain = self._pre_drain_scope
-        return {
-            "app": self.name,
-            "pid": os.getpid(),
-            "state": self._app_state,
-            "draining": app_draining,
-            "grace": self.grace,
-            "grace_deadline": wall(self._app_deadline) if app_draining else None,
-            "exit_code": self._exit_code,
-            "services": services,
-            "pre_drain": self.pre_drain,
-            # When services stop serving: the end of a pre-drain delay under way.
-            "pre_drain_until": (
-                wall(pre_drain.deadline)
+        return build_snapshot(
+            self._order or self._records.values(),
+            app=self.name,
+            state=self._app_state,
+            draining=self._app_state == "draining",
+            grace=self.grace,
+            app_deadline=self._app_deadline,
+            exit_code=self._exit_code,
+            pre_drain=self.pre_drain,
+            pre_drain_until=(
+                pre_drain.deadline
                 if pre_drain is not None and not pre_drain.cancel_called
                 else None
             ),
-            "warnings": list(self._warnings),
-        }
+            warnings=self._warnings,
+            max_jobs=max_jobs,
+        )
 
     # -- internals: lifecycle ----------------------------------------------------------
 
-    def _record(self, name: str) -> _ServiceRecord:
+    def _record(self, name: str) -> ServiceRecord:
         try:
             return self._records[name]
-        except KeyError:
-            raise UnknownServiceError(name, list(self._records)) from None
+        except (KeyError, TypeError):
+            raise UnknownServiceError(str(name), list(self._records)) from None
 
     def _require_running(self) -> None:
         if self._nursery is None:
+            when = "has stopped" if self._app_state == "stopped" else "is not running yet"
             raise InvalidTransitionError(
-                f"supervisor {self.name!r} is not running; run it with nd.run() or "
-                "nd.open_supervisor() before calling its control methods"
+                f"supervisor {self.name!r} {when}; its control methods act only while "
+                "it runs (nd.run() or nd.open_supervisor())"
             )
 
-    def _grace_of(self, record: _ServiceRecord, override: float | None) -> float:
+    def _refuse_during_start_up(self, action: str, name: str) -> None:
+        if self._app_state in ("idle", "starting"):
+            raise InvalidTransitionError(
+                f"cannot {action} {name!r} while the app is starting: start-up starts "
+                "every service in its turn; try again once the app is running"
+            )
+
+    def _grace_of(self, record: ServiceRecord, override: float | None) -> float:
         if override is not None:
             return override
         return record.spec.grace if record.spec.grace is not None else self.grace
 
     def _transition(
-        self, record: _ServiceRecord, target: ServiceState, message: str, **detail: Any
+        self, record: ServiceRecord, trigger: Trigger, message: str, **detail: Any
     ) -> None:
         """The only place a service's state changes: checked against the table, one event."""
         previous = record.state
-        check_transition(record.name, previous, target)
+        target = next_state(record.name, previous, trigger)
         record.state = target
         record.since = time.time()
         self._hub.publish(
@@ -544,7 +587,7 @@ class Supervisor:
         )
         logger.info("service %s: %s -> %s: %s", record.name, previous.value, target.value, message)
         self._wake()
-        if target in (ServiceState.STOPPED, ServiceState.FAILED):
+        if target in (S.STOPPED, S.FAILED):
             record.settled.set()
             self._check_finished()
 
@@ -573,123 +616,124 @@ class Supervisor:
         )
         logger.info("action: %s %s by %s", action, target, actor)
 
-    def _launch(self, record: _ServiceRecord) -> None:
-        """Start a STOPPED/FAILED service's runner task."""
+    def _publish_signal(self, name: str) -> None:
+        self._hub.publish("signal", f"received {name}", detail={"signal": name})
+        logger.info("received %s", name)
+
+    def _launch(self, record: ServiceRecord, message: str) -> None:
+        """Start a STOPPED/FAILED service's runner task: one runner per service, always."""
         assert self._nursery is not None
+        if record.has_runner:
+            raise InvalidTransitionError(f"service {record.name!r} is already running")
         record.settled = trio.Event()
         record.held = False
-        self._begin_incarnation(record, "starting")
+        self._begin_run(record, message)
+        record.has_runner = True
         self._nursery.start_soon(self._run_service, record, name=f"service {record.name}")
 
-    def _begin_incarnation(self, record: _ServiceRecord, message: str) -> None:
-        record.context = ServiceContext(record)
-        record.scope = trio.CancelScope()
-        self._transition(record, ServiceState.STARTING, message)
+    def _begin_run(self, record: ServiceRecord, message: str) -> None:
+        """A fresh drain and context for the next run of the service function."""
+        trigger = Trigger.BACKOFF_OVER if record.state is S.BACKOFF else Trigger.START
+        drain = Drain()
+        record.drain = drain
+        record.context = ServiceContext(record.name, drain, record.counters, self._on_ready)
+        self._transition(record, trigger, message)
 
-    def _service_ready(self, record: _ServiceRecord, context: ServiceContext) -> None:
+    def _on_ready(self, context: ServiceContext) -> None:
+        record = self._records[context.name]
         if context is not record.context:
             return  # a stale context from an earlier run of the service
-        if record.state is ServiceState.STARTING:
-            self._transition(record, ServiceState.RUNNING, "ready")
+        if record.state is S.STARTING:
+            self._transition(record, Trigger.READY, "ready")
         record.settled.set()
 
-    async def _run_service(self, record: _ServiceRecord) -> None:
+    async def _run_service(self, record: ServiceRecord) -> None:
         """One task per started service: runs its function, restarting it as its policy says."""
         try:
             while await self._run_once(record):
                 pass
         finally:
+            record.has_runner = False
             if record.state in ACTIVE_STATES:  # torn down by an outer cancellation
-                self._transition(record, ServiceState.STOPPED, "cancelled")
+                self._transition(record, Trigger.CANCEL, "cancelled")
 
-    async def _run_once(self, record: _ServiceRecord) -> bool:
+    async def _run_once(self, record: ServiceRecord) -> bool:
         """Run the service function once; return True to run it again."""
-        context, scope, spec = record.context, record.scope, record.spec
+        drain, context, spec = record.drain, record.context, record.spec
+        assert drain is not None
         assert context is not None
-        assert scope is not None
         error: BaseException | None = None
-        with scope:
+        with drain.scope:
             # A job block directly in the service function raises this scope's shield
-            # (see Job) rather than entering a scope of its own.
-            context._shield_hosts[trio.lowlevel.current_task()] = ShieldHost(
-                scope, keep_shield=False
+            # (see ShieldHost) rather than entering a scope of its own.
+            drain.shield_hosts[trio.lowlevel.current_task()] = ShieldHost(
+                drain.scope, keep_shield=False
             )
             try:
                 await spec.function(context)
             except* Exception as group:
                 error = group.exceptions[0] if len(group.exceptions) == 1 else group
-        context._close()
+        drain.close()
+        if drain.cut:
+            record.cut += 1
+        described = None
         if error is not None:
-            record.last_error = f"{type(error).__name__}: {error}"
-            logger.error("service %s crashed: %s", record.name, record.last_error, exc_info=error)
-        if context.draining:
-            if error is not None:
-                self._transition(
-                    record, ServiceState.FAILED, f"crashed while draining: {record.last_error}"
-                )
-            else:
-                hard = "" if not scope.cancelled_caught else " (grace deadline reached)"
-                self._transition(record, ServiceState.STOPPED, f"drained{hard}")
-            return False
-        if error is None and spec.restart != "permanent":
-            self._transition(record, ServiceState.STOPPED, "returned")
-            return False
-        if error is not None and spec.restart == "temporary":
-            self._transition(
-                record,
-                ServiceState.FAILED,
-                f"crashed (temporary: not restarted): {record.last_error}",
-            )
-            return False
-        reason = "crashed" if error is not None else "returned"
+            described = record.last_error = f"{type(error).__name__}: {error}"
+            logger.error("service %s crashed: %s", record.name, described, exc_info=error)
         now = trio.current_time()
         recent = record.recent_restarts
         while recent and recent[0] <= now - spec.within:
             recent.popleft()
-        if len(recent) >= spec.max_restarts:
-            self._transition(
-                record,
-                ServiceState.FAILED,
-                f"{reason} after {len(recent)} restarts within {spec.within:g} s; giving up",
-            )
+        decision = after_exit(
+            policy=spec.restart,
+            error=described,
+            draining=drain.draining,
+            cut=drain.cut,
+            recent_restarts=len(recent),
+            max_restarts=spec.max_restarts,
+            within=spec.within,
+        )
+        if decision.trigger is not Trigger.RESTART:
+            self._transition(record, decision.trigger, decision.reason)
             return False
         recent.append(now)
         record.restarts += 1
         delay = spec.backoff.delay(len(recent), self._rng)
-        record.backoff_scope = trio.CancelScope()
+        backoff = record.backoff_scope = trio.CancelScope()
         self._transition(
-            record, ServiceState.BACKOFF, f"{reason}; restarting in {delay:.2f} s", delay=delay
+            record,
+            Trigger.RESTART,
+            f"{decision.reason}; restarting in {delay:.2f} s",
+            delay=delay,
         )
-        with record.backoff_scope:
+        with backoff:
             await trio.sleep(delay)
-        if record.backoff_scope.cancelled_caught:
-            self._transition(record, ServiceState.STOPPED, "drained while waiting to restart")
+        if backoff.cancelled_caught:
+            self._transition(record, Trigger.DRAIN, "drained while waiting to restart")
             return False
-        self._begin_incarnation(record, f"restart {record.restarts}")
+        self._begin_run(record, f"restart {record.restarts}")
         return True
 
-    def _drain_service(self, record: _ServiceRecord, deadline: float) -> None:
+    def _drain_service(self, record: ServiceRecord, deadline: float) -> None:
         """Begin (or tighten) the drain of one service; never waits."""
         state = record.state
-        if state in (ServiceState.STARTING, ServiceState.RUNNING):
-            context, scope = record.context, record.scope
-            assert context is not None
-            assert scope is not None
-            self._transition(record, ServiceState.DRAINING, "draining")
-            context._begin_drain(deadline)
-            # The service's own scope shares the deadline: at it, everything still
-            # running in the service stops, not just the job blocks.
-            scope.deadline = deadline
-        elif state is ServiceState.DRAINING:
-            context, scope = record.context, record.scope
-            assert context is not None
-            assert scope is not None
-            if deadline < context.deadline:
-                context._set_deadline(deadline)
-                scope.deadline = deadline
-        elif state is ServiceState.BACKOFF:
+        drain = record.drain
+        if state in (S.STARTING, S.RUNNING):
+            assert drain is not None
+            self._transition(record, Trigger.DRAIN, "draining")
+            drain.begin(deadline)
+            if state is S.STARTING:
+                # Not ready, so it took no work: call its start off now rather than
+                # wait out the grace (a job it did enter keeps its shield).
+                drain.abandon_start()
+        elif state is S.DRAINING:
+            assert drain is not None
+            drain.begin(deadline)  # a drain under way only ever moves earlier here
+        elif state is S.BACKOFF:
             assert record.backoff_scope is not None
             record.backoff_scope.cancel()
+
+    # -- internals: the whole app ------------------------------------------------------
 
     def _begin_app_drain(self, grace: float | None, *, delay: float | None = None) -> None:
         if self._app_state in ("draining", "stopped"):
@@ -737,59 +781,80 @@ class Supervisor:
         if self._pre_drain_scope is not None:
             self._pre_drain_scope.cancel()
         for record in self._order:
-            if record.state is ServiceState.DRAINING:
+            if record.state is S.DRAINING:
                 self._drain_service(record, now)
 
-    def _begin_restart(self, record: _ServiceRecord) -> None:
+    def _begin_restart(self, record: ServiceRecord) -> None:
         if record.restart_pending:
             return
         assert self._nursery is not None
         record.restart_pending = True
         self._nursery.start_soon(self._restart, record, name=f"restart {record.name}")
 
-    async def _restart(self, record: _ServiceRecord) -> None:
+    async def _restart(self, record: ServiceRecord) -> None:
         try:
             self._drain_service(record, trio.current_time() + self._grace_of(record, None))
-            while record.state in ACTIVE_STATES:
+            while record.state in ACTIVE_STATES or record.has_runner:
                 await self._changed.wait()
-            if self._app_state != "draining":
+            if self._app_state == "running" and not self._rolling_restart:
                 record.recent_restarts.clear()
-                self._launch(record)
                 record.restarts += 1
-            await record.settled.wait()
+                self._launch(record, "restart")
+                await record.settled.wait()
         finally:
             record.restart_pending = False
-            self._wake()  # a rolling restart waits for this flag
+            self._wake()
+            self._check_finished()
 
     def _begin_rolling_restart(self) -> None:
         if self._rolling_restart:
             return
         assert self._nursery is not None
         self._rolling_restart = True
-        self._app_event("restarting every service in turn", rolling_restart=True)
-        self._nursery.start_soon(self._restart_in_turn, name="rolling restart")
+        self._app_event(
+            "restarting every service: stopping them in stop order, then starting them "
+            "in start order",
+            rolling_restart=True,
+        )
+        self._nursery.start_soon(self._restart_every_service, name="restart every service")
 
-    async def _restart_in_turn(self) -> None:
-        outcome = "every service restarted"
+    async def _restart_every_service(self) -> None:
+        outcome = "rolling restart ended by the drain"
         try:
-            for record in self._order:
-                if self._app_state == "draining":
-                    outcome = "rolling restart ended by the drain"
-                    return
+            # A service stops only after every service that starts after it stopped
+            # (those may use it), and starts again before them.
+            stopped: list[ServiceRecord] = []
+            for record in reversed(self._order):
                 if record.held:
                     continue  # stopped on purpose by an operator: leave it stopped
-                self._begin_restart(record)
-                while record.restart_pending:
+                if record.state in ACTIVE_STATES:
+                    self._drain_service(record, trio.current_time() + self._grace_of(record, None))
+                elif record.state is not S.FAILED:
+                    continue  # ended by itself: nothing to restart
+                while record.state in ACTIVE_STATES or record.has_runner or record.restart_pending:
+                    if self.draining:
+                        return
                     await self._changed.wait()
+                stopped.append(record)
+            for record in reversed(stopped):
+                if self._app_state != "running":
+                    return
+                if record.state in (S.STOPPED, S.FAILED) and not record.held:
+                    record.recent_restarts.clear()
+                    record.restarts += 1
+                    self._launch(record, "restart (every service)")
+                    await record.settled.wait()
+            outcome = "every service restarted"
         except BaseException:
             outcome = "rolling restart cancelled"
             raise
         finally:
             self._rolling_restart = False
             self._app_event(outcome, rolling_restart=False)
+            self._check_finished()
 
     def _check_finished(self) -> None:
-        if self._app_state != "running":
+        if self._app_state != "running" or self._rolling_restart:
             return
         if all(
             record.state not in ACTIVE_STATES and not record.held and not record.restart_pending
@@ -806,18 +871,21 @@ class Supervisor:
 
     def _compute_exit_code(self) -> int:
         records = self._order or list(self._records.values())
-        if any(record.state is ServiceState.FAILED for record in records):
+        if self._crashed or any(record.state is S.FAILED for record in records):
             return EXIT_FAILED
-        if any(record.counters.hard_cancelled for record in records):
+        if any(record.counters.hard_cancelled or record.cut for record in records):
             return EXIT_HARD_CANCELLED
         return EXIT_OK
 
-    def _publish_signal(self, name: str) -> None:
-        self._hub.publish("signal", f"received {name}", detail={"signal": name})
-        logger.info("received %s", name)
+
+def _has_error(exc: BaseException) -> bool:
+    """True unless *exc* is nothing but trio's Cancelled."""
+    if isinstance(exc, BaseExceptionGroup):
+        return any(_has_error(inner) for inner in exc.exceptions)
+    return not isinstance(exc, trio.Cancelled)
 
 
-def _jsonable(value: object) -> object:
-    if value is None or isinstance(value, str | int | float | bool):
-        return value
-    return str(value)
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, BaseExceptionGroup):
+        return ", ".join(_describe(inner) for inner in exc.exceptions if _has_error(inner))
+    return f"{type(exc).__name__}({exc})" if str(exc) else type(exc).__name__

@@ -436,10 +436,35 @@ async def test_control_methods_name_unknown_services_clearly(method: str) -> Non
             await getattr(sup, method)("nope")
 
 
-async def test_control_methods_need_a_running_supervisor() -> None:
+@pytest.mark.parametrize("method", ["drain", "start", "restart", "escalate"])
+async def test_service_control_needs_a_running_supervisor(method: str) -> None:
     sup = nd.Supervisor("idle")
     job_service(sup, [])
-    with pytest.raises(nd.InvalidTransitionError, match="not running"):
+    with pytest.raises(nd.InvalidTransitionError, match="not running yet"):
+        await getattr(sup, method)("work")
+
+
+@pytest.mark.parametrize("method", ["drain", "escalate"])
+async def test_a_whole_app_drain_before_running_stops_it_at_once(method: str) -> None:
+    # What a SIGTERM during the program's own start-up does: nothing starts, exit 0.
+    sup = nd.Supervisor("early")
+    job_service(sup, [])
+    await getattr(sup, method)()
+    assert sup.draining
+    with trio.fail_after(5):
+        async with nd.open_supervisor(sup):
+            pass
+    assert sup.exit_code == nd.EXIT_OK
+    assert sup.state_of("work") is nd.ServiceState.STOPPED
+    assert not [e for e in sup.events() if e.kind == "state"]
+
+
+async def test_control_methods_refuse_a_stopped_supervisor() -> None:
+    sup = nd.Supervisor("done")
+    job_service(sup, [])
+    async with nd.open_supervisor(sup):
+        pass
+    with pytest.raises(nd.InvalidTransitionError, match="has stopped"):
         await sup.drain()
 
 
@@ -531,6 +556,7 @@ async def test_subscribers_receive_events_and_end_with_the_supervisor() -> None:
         "action:None",
         "state:draining",
         "state:stopped",
+        "action:None",  # leaving the block drains the whole app
         "app:draining",
         "app:stopped",
     ]
@@ -556,7 +582,7 @@ async def test_first_term_drains_second_escalates(autojump_clock: trio.testing.M
     assert sup.exit_code == nd.EXIT_HARD_CANCELLED
 
 
-async def test_sighup_restarts_every_service_in_turn(
+async def test_sighup_stops_every_service_in_stop_order_then_starts_them_in_order(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     sup = nd.Supervisor("hup", grace=30.0)
@@ -569,13 +595,14 @@ async def test_sighup_restarts_every_service_in_turn(
         assert sup.app_state == "running"
     events = [(e.service, e.state) for e in sup.events() if e.kind == "state"]
     rolling = events[4:12]
+    # "second" may use "first": it stops before "first" and starts after it.
     assert rolling == [
+        ("second", "draining"),
+        ("second", "stopped"),
         ("first", "draining"),
         ("first", "stopped"),
         ("first", "starting"),
         ("first", "running"),
-        ("second", "draining"),
-        ("second", "stopped"),
         ("second", "starting"),
         ("second", "running"),
     ]

@@ -74,9 +74,9 @@ def test_a_service_cannot_start_after_itself() -> None:
 
 @pytest.mark.parametrize("grace", [-1.0, float("nan"), float("inf"), "10"])
 def test_grace_must_be_a_finite_non_negative_number(grace: object) -> None:
-    with pytest.raises(nd.ConfigurationError, match="grace must be a number >= 0"):
+    with pytest.raises(nd.ConfigurationError, match="grace must be a finite number >= 0"):
         nd.Supervisor("g", grace=grace)  # type: ignore[arg-type]
-    with pytest.raises(nd.ConfigurationError, match="grace must be a number >= 0"):
+    with pytest.raises(nd.ConfigurationError, match="grace must be a finite number >= 0"):
         nd.Supervisor("g").add(noop, grace=grace)  # type: ignore[arg-type]
 
 

@@ -11,7 +11,7 @@ from typing import Any, NoReturn
 import trio
 
 from .._exceptions import ConfigurationError, NotLeasedError
-from .._spec import is_count
+from .._validate import is_count
 from ._source import DeadJob, QueuedJob, QueueStatistics, describe_error
 
 

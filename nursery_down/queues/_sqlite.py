@@ -25,7 +25,7 @@ from .._exceptions import (
     QueueLockedError,
     QueueUnwritableError,
 )
-from .._spec import is_count, is_finite_number
+from .._validate import is_count, require_seconds
 from ._source import DeadJob, QueuedJob, QueueStatistics, describe_error
 
 T = TypeVar("T")
@@ -154,8 +154,7 @@ class SQLiteQueue:
             ("poll_interval", poll_interval),
             ("recover_interval", recover_interval),
         ):
-            if not is_finite_number(value) or value < 0:
-                raise ConfigurationError(f"{what} must be a number of seconds >= 0, got {value!r}")
+            require_seconds(what, value)
         if synchronous not in ("FULL", "NORMAL"):
             raise ConfigurationError(f"synchronous must be 'FULL' or 'NORMAL', got {synchronous!r}")
         self.path = os.fspath(path)
