@@ -95,6 +95,7 @@ class Drain:
         self.shield_hosts: dict[trio.lowlevel.Task, ShieldHost] = {}
         #: The scopes of job blocks that entered a scope of their own.
         self.job_scopes: set[trio.CancelScope] = set()
+        self._jobs_done: trio.Event | None = None
         # Channel clones read by intake iterators: closed by the drain, which wakes
         # a blocked receive at once and costs nothing per item.
         self._intake_clones: set[trio.MemoryReceiveChannel[Any]] = set()
@@ -159,7 +160,24 @@ class Drain:
             clone.close()
         self._intake_clones.clear()
 
+    async def wait_jobs_done(self) -> None:
+        """Wait until no job block with a scope of its own is in flight.
+
+        The service function has returned by then; what is left are job blocks in
+        tasks that do not run under the service (a request handler of the program's
+        own, say). The run ends only when they have ended too, within the grace.
+        """
+        if self.job_scopes:
+            self._jobs_done = trio.Event()
+            await self._jobs_done.wait()
+
     # -- asked by intake iterators and job blocks --------------------------------------
+
+    def job_ended(self, scope: trio.CancelScope) -> None:
+        """A job block that entered *scope* of its own ended."""
+        self.job_scopes.discard(scope)
+        if not self.job_scopes and self._jobs_done is not None:
+            self._jobs_done.set()
 
     def add_intake_clone(self, clone: trio.MemoryReceiveChannel[Any]) -> None:
         self._intake_clones.add(clone)

@@ -126,7 +126,7 @@ class Job:
         assert scope is not None
         host = self._host
         if host is None:
-            self._drain.job_scopes.discard(scope)
+            self._drain.job_ended(scope)
             try:
                 scope.__exit__(exc_type, exc, tb)
             except BaseException:

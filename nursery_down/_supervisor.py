@@ -252,7 +252,9 @@ class Supervisor:
                     self._cut_off()
         except BaseException as exc:
             if not ended_cleanly and _has_error(exc):
+                # Even if every service stopped on the way down, this is no clean exit.
                 self._crashed = True
+                self._exit_code = EXIT_FAILED
                 logger.error("supervisor %s torn down by %s", self.name, _describe(exc))
             raise
         finally:
@@ -270,7 +272,7 @@ class Supervisor:
             grace, escalate = self._early_drain
             self._begin_app_drain(0.0 if escalate else grace, delay=0.0 if escalate else None)
         for record in self._order:
-            if self.draining:
+            if self._app_state != "starting":  # a drain cut start-up short
                 break
             if record.state in (S.STOPPED, S.FAILED) and not record.has_runner:
                 self._launch(record, "starting")
@@ -625,6 +627,10 @@ class Supervisor:
         assert self._nursery is not None
         if record.has_runner:
             raise InvalidTransitionError(f"service {record.name!r} is already running")
+        if self._app_state in ("draining", "stopped"):
+            raise InvalidTransitionError(
+                f"cannot start {record.name!r}: the whole app is {self._app_state} and will exit"
+            )
         record.settled = trio.Event()
         record.held = False
         self._begin_run(record, message)
@@ -674,6 +680,13 @@ class Supervisor:
             except* Exception as group:
                 error = group.exceptions[0] if len(group.exceptions) == 1 else group
         drain.close()
+        if drain.job_scopes:
+            # Job blocks in tasks outside the service still run: the run ends when they
+            # do. With no drain under way they have lost their service, so they get
+            # the grace from now.
+            if not drain.draining:
+                drain.begin(trio.current_time() + self._grace_of(record, None))
+            await drain.wait_jobs_done()
         if drain.cut:
             record.cut += 1
         described = None
