@@ -208,7 +208,7 @@ async def test_pre_drain_keeps_serving_then_drains_with_the_full_grace(
         assert snapshot["pre_drain_until"] is not None
         assert [s["state"] for s in snapshot["services"]] == ["running", "running"]
         # The grace counts from the end of the delay.
-        assert sup._app_deadline == asked + 5.0 + 10.0
+        assert sup._app.deadline == asked + 5.0 + 10.0
         await trio.sleep(4.9)
         assert sup.state_of("work") is S.RUNNING  # still serving, still taking jobs
         assert sup.snapshot()["pre_drain_until"] is not None

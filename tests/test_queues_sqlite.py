@@ -281,6 +281,27 @@ async def test_closing_releases_leases_and_ends_claims(db: Path) -> None:
     assert history(db)[-1] == (1, "release")
 
 
+async def test_a_closed_queue_opens_again_and_fences_its_old_leases(db: Path) -> None:
+    # What a service that owns the queue does when it restarts.
+    queue = SQLiteQueue(db)
+    await queue.put_many(["a", "b"])
+    before = await claim(queue)
+    await queue.aclose()
+    closed = []
+    async with queue:
+        closed.append(queue.closed)
+        assert await queue.statistics() == stats(queued=2)
+        with pytest.raises(NotLeasedError):
+            await queue.ack(before)  # released by the close: someone else may run it
+        again = await claim(queue)
+        await queue.ack(again)
+        assert await queue.statistics() == stats(queued=1, done=1)
+    closed.append(queue.closed)
+    assert closed == [False, True]
+    with pytest.raises(trio.ClosedResourceError, match="open it again"):
+        await queue.put("c")
+
+
 async def test_close_wakes_a_waiting_claim(db: Path) -> None:
     queue = SQLiteQueue(db, poll_interval=30)
     results: list[QueuedJob | None] = []

@@ -180,18 +180,22 @@ class SQLiteQueue:
     async def open(self) -> None:
         """Open (creating if needed) the file, check it, and requeue orphaned leases.
 
-        Called by the first operation if not called before. Raises
+        Called by the first operation if not called before. A closed queue opens
+        again, as the service that owns it does when it restarts; jobs claimed before
+        the close stay released and cannot be settled through it any more. Raises
         :class:`QueueCorruptError`, :class:`QueueLockedError` or
         :class:`QueueUnwritableError` with what to do.
         """
-        if self._closed:
-            raise trio.ClosedResourceError("this SQLiteQueue was closed; make a new one")
         if self._open_lock is None:
             self._open_lock = trio.Lock()
             self._limiter = trio.CapacityLimiter(1)
         async with self._open_lock:
             if self._connection is not None:
                 return
+            if self._closed:
+                # A new owner: a lease taken before the close is fenced off for good.
+                self._owner = uuid.uuid4().hex
+                self._closed = False
             self._pid = os.getpid()
             self._token = process_token(self._pid) or ""
             self._connection = await self._call(self._open_sync, opening=True)
@@ -205,12 +209,14 @@ class SQLiteQueue:
             return
         self._closed = True
         self._wake()
-        if self._connection is not None:
-            with trio.CancelScope(shield=True):
-                await self._call(self._close_sync)
-            self._connection = None
-        else:
+        if self._connection is None or self._open_lock is None:
             await trio.lowlevel.checkpoint()
+            return
+        with trio.CancelScope(shield=True):
+            async with self._open_lock:  # never half-closed under a reopening
+                if self._connection is not None:
+                    await self._call(self._close_sync)
+                    self._connection = None
 
     async def __aenter__(self) -> SQLiteQueue:
         await self.open()
@@ -226,7 +232,7 @@ class SQLiteQueue:
 
     @property
     def closed(self) -> bool:
-        """True once :meth:`aclose` was called."""
+        """True once :meth:`aclose` was called (until it is opened again)."""
         return self._closed
 
     # -- putting ------------------------------------------------------------------------
@@ -314,6 +320,11 @@ class SQLiteQueue:
 
     async def _ready(self) -> None:
         if self._connection is None:
+            if self._closed:
+                # Only an explicit open() (or ``async with``) opens a closed queue again.
+                raise trio.ClosedResourceError(
+                    "this SQLiteQueue was closed; open it again with open() or 'async with'"
+                )
             await self.open()
 
     async def _call(self, function: Callable[..., T], *args: Any, opening: bool = False) -> T:
