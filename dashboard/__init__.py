@@ -18,7 +18,7 @@ Routes
                           happens and a ``snapshot`` each second that counts changed;
                           ``: ping`` comments keep a quiet stream open
 ``POST /api/drain``       drain the whole app; body ``{"grace": 10}`` (optional)
-``POST /api/restart``     restart every service in turn
+``POST /api/restart``     restart every service: stop in stop order, start in start order
 ``POST /api/escalate``    hard-cancel every in-flight job now
 ``POST /api/extend-grace``  body ``{"seconds": 30}``, optionally ``"service": "name"``
 ``POST /api/services/<name>/drain``  body ``{"grace": 10}`` (optional)

@@ -90,7 +90,10 @@ def app_impacts(snapshot: dict[str, Any]) -> dict[str, str]:
     left = time_left(snapshot.get("grace_deadline"))
     return {
         "drain": f"Drains every service in stop order, then the process exits; {summary}.",
-        "restart": f"Restarts every running service in turn; {summary}.",
+        "restart": (
+            "Stops every running service in stop order, then starts them again in start "
+            f"order; {summary}."
+        ),
         "escalate": (
             f"Hard-cancels {plural(in_flight, 'job')} in flight now; the process exits."
             if in_flight

@@ -118,7 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
 ACTIONS = {
     "drain": "drain one service, or the whole app: intake stops, in-flight jobs finish",
     "start": "start a stopped or failed service",
-    "restart": "drain a service and start it again (the whole app: every service in turn)",
+    "restart": (
+        "drain a service and start it again (the whole app: stop every service in stop "
+        "order, then start them in start order)"
+    ),
     "escalate": "hard-cancel in-flight jobs now",
 }
 

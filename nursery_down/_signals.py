@@ -22,7 +22,8 @@ async def serve_signals(
 
     - first SIGTERM or SIGINT: drain the whole app in stop order;
     - another one during that drain: escalate (hard-cancel in-flight jobs now);
-    - SIGHUP: restart every service in turn; the process stays up.
+    - SIGHUP: restart every service (stop in stop order, start in start order); the
+      process stays up. During start-up it waits until start-up is over.
 
     While this runs, SIGINT arrives here and never as KeyboardInterrupt, so Ctrl-C
     cannot tear through a shielded job.

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
 import subprocess
 import sys
+from pathlib import Path
 
 import nursery_down as nd
 
@@ -40,3 +42,31 @@ def test_dashboard_ships_as_a_subpackage() -> None:
     dashboard = importlib.import_module("nursery_down.dashboard")
     assert dashboard.__file__ is not None
     assert dashboard.__name__ == "nursery_down.dashboard"
+
+
+def test_the_core_modules_import_one_way() -> None:
+    # Every import among the private core modules, type-checking ones included, must
+    # point one way: a cycle means two modules reach into each other.
+    root = Path(nd.__file__).parent
+    graph: dict[str, set[str]] = {}
+    for path in root.glob("_*.py"):
+        module = path.stem
+        imported: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                imported.add(node.module.split(".")[0])
+        graph[module] = {name for name in imported if name.startswith("_") and name != module}
+
+    def cycle_from(start: str) -> list[str] | None:
+        stack = [(start, [start])]
+        while stack:
+            module, path = stack.pop()
+            for imported in graph.get(module, ()):
+                if imported == start:
+                    return [*path, start]
+                if imported not in path:
+                    stack.append((imported, [*path, imported]))
+        return None
+
+    cycles = [cycle for module in graph if (cycle := cycle_from(module))]
+    assert cycles == []

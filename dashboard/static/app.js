@@ -73,7 +73,7 @@
     const summary = inFlightSummary(n, jobs, snapshot.grace);
     return {
       drain: `Drains every service in stop order, then the process exits; ${summary}.`,
-      restart: `Restarts every running service in turn; ${summary}.`,
+      restart: `Stops every running service in stop order, then starts them again in start order; ${summary}.`,
       escalate: n
         ? `Hard-cancels ${plural(n, "job")} in flight now; the process exits.`
         : "No jobs in flight: the process exits at once.",
