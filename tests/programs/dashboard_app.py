@@ -9,6 +9,8 @@ at a time). Environment variables tune it:
 - ``DASHBOARD_APP_INFO_BYTES``: size of a padding field in each job's info (default 0),
   to make snapshots big
 - ``DASHBOARD_APP_GRACE``: the supervisor's grace in seconds (default 30)
+- ``DASHBOARD_APP_READY_FILE``: ``intake`` is ready only once this file exists, which
+  holds the whole app in start-up until the test creates it (default: ready at once)
 """
 
 from __future__ import annotations
@@ -24,12 +26,15 @@ WORKERS = int(os.environ.get("DASHBOARD_APP_WORKERS", "6"))
 JOB_MIN, JOB_MAX = (float(x) for x in os.environ.get("DASHBOARD_APP_JOB", "0.5,2.0").split(","))
 PADDING = "x" * int(os.environ.get("DASHBOARD_APP_INFO_BYTES", "0"))
 GRACE = float(os.environ.get("DASHBOARD_APP_GRACE", "30"))
+READY_FILE = os.environ.get("DASHBOARD_APP_READY_FILE")
 
 sup = nd.Supervisor(name="shop", grace=GRACE)
 
 
 @sup.service
 async def intake(ctx: nd.ServiceContext) -> None:
+    while READY_FILE and not os.path.exists(READY_FILE):
+        await trio.sleep(0.02)
     ctx.ready()
     await ctx.wait_draining()
 
