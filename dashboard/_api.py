@@ -13,7 +13,12 @@ from typing import Any
 from quart import Quart, g, redirect, request
 from quart.typing import ResponseReturnValue
 
-from nursery_down import ConfigurationError, InvalidTransitionError, UnknownServiceError
+from nursery_down import (
+    ConfigurationError,
+    InvalidTransitionError,
+    UnknownServiceError,
+    UpgradeError,
+)
 
 from ._audit import action_target, audit, remote_address
 from ._body import BodyError, read_fields, seconds_field, text_field
@@ -79,6 +84,16 @@ def register_api(app: Quart) -> None:
 
         return await perform("escalate", None, run, "{}")
 
+    @app.post("/api/upgrade")
+    async def upgrade() -> ResponseReturnValue:
+        new_pid: dict[str, int] = {}
+
+        async def run(fields: dict[str, Any], actor: str) -> None:
+            # Answers once the new generation is ready (this one then drains) or failed.
+            new_pid["upgraded_to"] = await supervisor.upgrade(actor=actor)
+
+        return await perform("upgrade", None, run, "{}", extra=new_pid)
+
     @app.post("/api/extend-grace")
     async def extend_grace() -> ResponseReturnValue:
         service = None
@@ -113,6 +128,8 @@ def register_api(app: Quart) -> None:
         service: str | Callable[[], str | None] | None,
         run: Action,
         example: str,
+        *,
+        extra: dict[str, Any] | None = None,
     ) -> ResponseReturnValue:
         who = f"{g.credential} {remote_address(request)}"
         status = 202
@@ -123,6 +140,8 @@ def register_api(app: Quart) -> None:
             status, message = 404, str(exc)
         except InvalidTransitionError as exc:
             status, message = 409, str(exc)
+        except UpgradeError as exc:  # the new generation failed; this one keeps serving
+            status, message = 502, str(exc)
         except (BodyError, ConfigurationError) as exc:
             status, message = 400, str(exc)
         target = service() if callable(service) else service
@@ -132,4 +151,4 @@ def register_api(app: Quart) -> None:
             return await error_response(request, status, message)
         if from_plain_form(request):
             return redirect("/", 303)
-        return json_response(live_snapshot(supervisor), 202)
+        return json_response({**live_snapshot(supervisor), **(extra or {})}, 202)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import socket
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -20,10 +21,11 @@ from hypercorn.typing import (
     ASGISendEvent,
     Scope,
 )
+from quart_trio import QuartTrio
 
-from nursery_down import ConfigurationError, Supervisor
+from nursery_down import ConfigurationError, Supervisor, listener
 
-from ._address import format_host, open_listening_socket, resolve_address
+from ._address import USER_TIMEOUT_MS, format_host, resolve_address
 from ._app import create_app
 from ._auth import allowed_host_headers
 from ._context import dashboard_context
@@ -91,16 +93,45 @@ async def serve_dashboard(
     operator_token = given or secrets.token_urlsafe(32)
     if allowed_hosts is None:
         allowed_hosts = os.environ.get("NURSERY_DOWN_ALLOWED_HOSTS", "").split(",")
-    sock = open_listening_socket(where)
-    where = replace(where, port=sock.getsockname()[1])
-    app = create_app(
-        supervisor,
-        token=operator_token,
-        allowed_hosts=allowed_host_headers(where, allowed_hosts),
-    )
+    # A named listener: a new generation started by an upgrade inherits it, so the
+    # browser's event stream reconnects to the new process on the same port.
+    user_timeout = getattr(socket, "TCP_USER_TIMEOUT", None)
+    # Accepted sockets inherit TCP_USER_TIMEOUT: a peer that stops reading is dropped
+    # instead of holding shutdown.
+    options = [] if user_timeout is None else [(socket.IPPROTO_TCP, user_timeout, USER_TIMEOUT_MS)]
+    sock = listener("dashboard", (where.ip, where.port), options=options)
+    try:
+        where = replace(where, port=sock.getsockname()[1])
+        app = create_app(
+            supervisor,
+            token=operator_token,
+            allowed_hosts=allowed_host_headers(where, allowed_hosts),
+        )
+        url = f"http://{format_host(where.host)}:{where.port}"
+        # hypercorn owns (and closes) the descriptor it is given: give it a duplicate.
+        config = _config(f"fd://{os.dup(sock.fileno())}")
+        shown = f"{url}/" if given else f"{url}/?token={operator_token}"
+        await _serve_until_stopped(
+            supervisor,
+            app,
+            config,
+            shown,
+            DashboardInfo(url=url, token=operator_token),
+            task_status,
+        )
+    finally:
+        sock.close()  # a new generation started by an upgrade has its own copy
+
+
+async def _serve_until_stopped(
+    supervisor: Supervisor,
+    app: QuartTrio,
+    config: Config,
+    shown: str,
+    info: DashboardInfo,
+    task_status: trio.TaskStatus[DashboardInfo],
+) -> None:
     streams = dashboard_context(app).streams
-    url = f"http://{format_host(where.host)}:{where.port}"
-    config = _config(f"fd://{sock.detach()}")
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
         try:
@@ -112,11 +143,10 @@ async def serve_dashboard(
             cause: BaseException = group
             while isinstance(cause, BaseExceptionGroup):
                 cause = cause.exceptions[0]
-            raise ConfigurationError(f"cannot serve the dashboard on {url}: {cause}") from None
-        shown = f"{url}/" if given else f"{url}/?token={operator_token}"
+            raise ConfigurationError(f"cannot serve the dashboard on {info.url}: {cause}") from None
         # A plain line rather than a log record: log handlers must never see the token.
         print(f"nursery_down dashboard: {shown}", file=sys.stderr, flush=True)  # noqa: T201
-        task_status.started(DashboardInfo(url=url, token=operator_token))
+        task_status.started(info)
         await supervisor.wait_finished()
         # Open event streams would hold hypercorn's shutdown for its whole graceful
         # timeout: end them first, then stop the server.

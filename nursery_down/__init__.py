@@ -25,7 +25,9 @@ from ._exceptions import DrainingError as DrainingError
 from ._exceptions import InvalidTransitionError as InvalidTransitionError
 from ._exceptions import NurseryDownError as NurseryDownError
 from ._exceptions import UnknownServiceError as UnknownServiceError
+from ._exceptions import UpgradeError as UpgradeError
 from ._jobs import Job as Job
+from ._listeners import listener as listener
 from ._notify import serve_notify as serve_notify
 from ._pool import worker_pool as worker_pool
 from ._run import open_supervisor as open_supervisor
@@ -61,6 +63,8 @@ __all__ = [
     "Subscription",
     "Supervisor",
     "UnknownServiceError",
+    "UpgradeError",
+    "listener",
     "open_supervisor",
     "run",
     "serve_notify",

@@ -69,6 +69,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="on SIGTERM, report draining (/readyz 503) but keep serving this long before "
         "the drain begins (default: $NURSERY_DOWN_PRE_DRAIN, else the supervisor's)",
     )
+    run.add_argument(
+        "--on-hup",
+        choices=("restart", "upgrade"),
+        default="restart",
+        help="what SIGHUP does: restart every service in this process (default), or "
+        "upgrade the program like SIGUSR2",
+    )
+    run.add_argument(
+        "--upgrade-cwd",
+        metavar="DIR",
+        help="working directory of the new generation at an upgrade (default: the one "
+        "at start), e.g. a 'current' symlink of your releases",
+    )
+    run.add_argument(
+        "--upgrade-timeout",
+        type=_positive_seconds,
+        metavar="S",
+        default=60.0,
+        help="seconds the new generation has to be ready at an upgrade (default 60)",
+    )
     dashboard = run.add_mutually_exclusive_group()
     dashboard.add_argument(
         "--dashboard",
@@ -105,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
         if action == "drain":
             command.add_argument("--grace", type=_seconds, metavar="S", help="grace in seconds")
         add_connection(command)
+    upgrade = commands.add_parser(
+        "upgrade",
+        help="start the next generation of the program; once it is ready, this one drains",
+    )
+    add_connection(upgrade)
     extend = commands.add_parser("extend-grace", help="move a drain's grace deadline later")
     extend.add_argument("seconds", type=_seconds, metavar="SECONDS")
     extend.add_argument("service", nargs="?", metavar="SERVICE", help="default: the whole app")
@@ -232,6 +257,9 @@ def _run(args: argparse.Namespace) -> int:
         grace=args.grace,
         outer_deadline=args.outer_deadline,
         pre_drain=args.pre_drain,
+        on_hup=args.on_hup,
+        upgrade_cwd=args.upgrade_cwd,
+        upgrade_timeout=args.upgrade_timeout,
     )
 
 
@@ -248,6 +276,15 @@ def _operate(args: argparse.Namespace) -> int:
             }:
                 known = ", ".join(s["name"] for s in snapshot["services"])
                 raise ClientError(f"unknown service {args.service!r}; known services: {known}")
+        elif args.command == "upgrade":
+            # Waits until the new generation is ready (or failed): up to its timeout.
+            client.timeout = max(client.timeout, 90.0)
+            snapshot = client.action("upgrade")
+            print(  # noqa: T201
+                f"upgraded: the new generation (pid {snapshot.get('upgraded_to')}) is ready; "
+                f"this one (pid {snapshot.get('pid')}) drains",
+                file=sys.stderr,
+            )
         elif args.command == "extend-grace":
             body = {"seconds": args.seconds, "service": args.service}
             snapshot = client.action("extend-grace", None, body)

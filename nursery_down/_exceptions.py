@@ -9,6 +9,7 @@ Every error a user can see derives from :class:`NurseryDownError`, so one
     ├── UnknownServiceError         a control call named a service that does not exist
     ├── InvalidTransitionError      an action that the service's current state does not allow
     ├── DrainingError               a job was entered after its service began draining
+    ├── UpgradeError                the new generation of an upgrade did not become ready
     └── QueueError                  a job source cannot do what was asked
         ├── QueueCorruptError       the queue file is not a queue database, or is damaged
         ├── QueueLockedError        another process holds the queue file's lock too long
@@ -53,6 +54,14 @@ class DrainingError(NurseryDownError):
 
     Take work through ``ctx.intake()``: it stops handing out items the moment a
     drain begins, so a job can never start late.
+    """
+
+
+class UpgradeError(NurseryDownError):
+    """The new generation of an upgrade exited, or was not ready in time, and was killed.
+
+    The running generation keeps serving; the message says what the new one did. Read
+    its output (it shares this program's stdout and stderr) and try again.
     """
 
 

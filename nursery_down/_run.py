@@ -6,16 +6,19 @@ import contextlib
 import gc
 import importlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any
 
 import trio
 
 from ._budget import check_seconds, grace_budget, seconds_from_environ
 from ._exceptions import ConfigurationError, NurseryDownError
 from ._notify import serve_notify
-from ._signals import holding_signals, serve_signals
+from ._signals import HupAction, holding_signals, serve_signals
 from ._supervisor import EXIT_FAILED, EXIT_USAGE, Supervisor
+from ._upgrade import DEFAULT_TIMEOUT, Upgrader
 from ._validate import require_seconds
 
 logger = logging.getLogger("nursery_down")
@@ -30,6 +33,11 @@ async def open_supervisor(
     notify: bool = False,
     outer_deadline: float | None = None,
     pre_drain: float | None = None,
+    upgrades: bool = False,
+    on_hup: HupAction = "restart",
+    upgrade_argv: Sequence[str] | None = None,
+    upgrade_cwd: str | None = None,
+    upgrade_timeout: float = DEFAULT_TIMEOUT,
 ) -> AsyncIterator[Supervisor]:
     """Run *supervisor* inside an existing trio program for the duration of the block.
 
@@ -45,6 +53,13 @@ async def open_supervisor(
     (systemd's TimeoutStopSec, Kubernetes' terminationGracePeriodSeconds): when the
     pre-drain delay, the grace and the stop margin do not fit inside it, a warning
     goes to the log and to the snapshot's ``warnings``.
+
+    *upgrades* lets the program upgrade itself (:meth:`Supervisor.upgrade`, SIGUSR2,
+    ``POST /api/upgrade``): the program is run again as *upgrade_argv* (default
+    ``sys.orig_argv``) in *upgrade_cwd* (default: the working directory now), gets
+    the :func:`nursery_down.listener` sockets, and has *upgrade_timeout* seconds to be
+    ready; then this one drains. *on_hup* chooses what SIGHUP does: ``"restart"``
+    every service, or ``"upgrade"``. :func:`nursery_down.run` turns upgrades on.
     """
     if pre_drain is not None:
         supervisor.pre_drain = check_seconds("pre-drain delay", pre_drain)
@@ -67,11 +82,18 @@ async def open_supervisor(
             logger.warning("%s", warning)
             if warning not in supervisor._warnings:
                 supervisor._warnings.append(warning)
+    upgrader = None
+    if upgrades:
+        upgrader = Upgrader(supervisor, argv=upgrade_argv, cwd=upgrade_cwd, timeout=upgrade_timeout)
+        supervisor._upgrade = upgrader.upgrade
     async with trio.open_nursery() as outer:
         if handle_signals:
             # First, and last to go: no signal may arrive unowned while services start
             # or while the dashboard shuts down.
-            await outer.start(serve_signals, supervisor)
+            await outer.start(partial(serve_signals, supervisor, on_hup=on_hup))
+        if upgrader is not None:
+            # In a generation started by an upgrade: says ready once every service is.
+            outer.start_soon(upgrader.serve)
         if notify:
             # Subscribed before the services start, so it sees every one of them.
             await outer.start(serve_notify, supervisor)
@@ -79,7 +101,9 @@ async def open_supervisor(
             if dashboard is not None:
                 # Before the services: /readyz answers 503 while they start, and a bad
                 # or taken address fails before any service ran.
-                await _start_dashboard(inner, supervisor, dashboard)
+                info = await _start_dashboard(inner, supervisor, dashboard)
+                if upgrader is not None:
+                    upgrader.dashboard_token = info.token
             await inner.start(supervisor.serve)
             try:
                 yield supervisor
@@ -100,7 +124,7 @@ async def open_supervisor(
 SHUTDOWN_LIMIT = 5.0
 
 
-async def _start_dashboard(nursery: trio.Nursery, supervisor: Supervisor, address: str) -> None:
+async def _start_dashboard(nursery: trio.Nursery, supervisor: Supervisor, address: str) -> Any:
     try:
         # Imported here: the core never needs the web stack unless a dashboard is asked for.
         dashboard = importlib.import_module("nursery_down.dashboard")
@@ -109,7 +133,7 @@ async def _start_dashboard(nursery: trio.Nursery, supervisor: Supervisor, addres
             f"the dashboard needs extra packages ({exc.name} is missing); "
             "install them with: pip install 'nursery-down[dashboard]'"
         ) from None
-    await nursery.start(dashboard.serve_dashboard, supervisor, address)
+    return await nursery.start(dashboard.serve_dashboard, supervisor, address)
 
 
 def run(
@@ -121,6 +145,10 @@ def run(
     notify: bool = True,
     outer_deadline: float | None = None,
     pre_drain: float | None = None,
+    on_hup: HupAction = "restart",
+    upgrade_argv: Sequence[str] | None = None,
+    upgrade_cwd: str | None = None,
+    upgrade_timeout: float = DEFAULT_TIMEOUT,
 ) -> int:
     """Run *supervisor* until it drains, and return the process exit code.
 
@@ -137,6 +165,12 @@ def run(
     ``$NURSERY_DOWN_OUTER_DEADLINE``) and *pre_drain* (default:
     ``$NURSERY_DOWN_PRE_DRAIN``, else the supervisor's own) are as for
     :func:`open_supervisor`.
+
+    The program can upgrade itself without downtime: SIGUSR2 (or SIGHUP with
+    ``on_hup="upgrade"``), ``POST /api/upgrade`` or ``nursery-down upgrade`` start the
+    next generation with the :func:`nursery_down.listener` sockets; once it is ready,
+    this one drains and exits. *upgrade_argv*, *upgrade_cwd* and *upgrade_timeout*
+    are as for :func:`open_supervisor`.
     """
     if grace is not None:
         supervisor.grace = require_seconds("grace", grace)
@@ -162,6 +196,11 @@ def run(
             notify=notify,
             outer_deadline=deadline,
             pre_drain=delay,
+            upgrades=True,
+            on_hup=on_hup,
+            upgrade_argv=upgrade_argv,
+            upgrade_cwd=upgrade_cwd,
+            upgrade_timeout=upgrade_timeout,
         ) as running:
             # Everything allocated while starting lives as long as the program: keep it
             # out of the collector's way, so full collections stay short (they are

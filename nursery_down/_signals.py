@@ -1,29 +1,42 @@
-"""SIGTERM, SIGINT and SIGHUP turned into supervisor actions."""
+"""SIGTERM, SIGINT, SIGHUP and SIGUSR2 turned into supervisor actions."""
 
 from __future__ import annotations
 
+import logging
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
+from typing import Literal
 
 import trio
 
-from ._exceptions import ConfigurationError
+from ._exceptions import ConfigurationError, NurseryDownError
 from ._supervisor import Supervisor
 
-HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+logger = logging.getLogger("nursery_down")
+
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
+
+#: What SIGHUP does: restart every service in this process, or upgrade the program.
+HupAction = Literal["restart", "upgrade"]
 
 
 async def serve_signals(
-    supervisor: Supervisor, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    supervisor: Supervisor,
+    *,
+    on_hup: HupAction = "restart",
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Own SIGTERM, SIGINT and SIGHUP until cancelled, and drive *supervisor* with them.
+    """Own SIGTERM, SIGINT, SIGHUP and SIGUSR2 until cancelled; drive *supervisor* with them.
 
     - first SIGTERM or SIGINT: drain the whole app in stop order;
     - another one during that drain: escalate (hard-cancel in-flight jobs now);
     - SIGHUP: restart every service (stop in stop order, start in start order); the
-      process stays up. During start-up it waits until start-up is over.
+      process stays up. During start-up it waits until start-up is over. With
+      ``on_hup="upgrade"``, SIGHUP upgrades instead, like SIGUSR2;
+    - SIGUSR2: upgrade: start the next generation of the program, hand it the
+      listening sockets, then drain this one (only under :func:`nursery_down.run`).
 
     While this runs, SIGINT arrives here and never as KeyboardInterrupt, so Ctrl-C
     cannot tear through a shielded job.
@@ -35,13 +48,27 @@ async def serve_signals(
             f"cannot handle signals here ({exc}); run from the main thread, or pass "
             "handle_signals=False and drive the supervisor yourself"
         ) from None
+    if on_hup not in ("restart", "upgrade"):
+        raise ConfigurationError(f"on_hup must be 'restart' or 'upgrade', got {on_hup!r}")
     with receiver as signals:
-        task_status.started()
-        # Signals that arrived before the receiver opened were held, not lost.
-        while _held:
-            dispatch_signal(supervisor, _held.pop(0))
-        async for signum in signals:
-            dispatch_signal(supervisor, signum)
+        async with trio.open_nursery() as upgrades:
+
+            def upgrade(actor: str) -> None:
+                upgrades.start_soon(_upgrade, supervisor, actor)
+
+            task_status.started()
+            # Signals that arrived before the receiver opened were held, not lost.
+            while _held:
+                dispatch_signal(supervisor, _held.pop(0), on_hup=on_hup, upgrade=upgrade)
+            async for signum in signals:
+                dispatch_signal(supervisor, signum, on_hup=on_hup, upgrade=upgrade)
+
+
+async def _upgrade(supervisor: Supervisor, actor: str) -> None:
+    try:
+        await supervisor.upgrade(actor=actor)
+    except NurseryDownError as exc:  # refused, or the new generation failed: logged
+        logger.warning("%s: %s", actor, exc)
 
 
 _held: list[int] = []
@@ -69,7 +96,13 @@ def holding_signals() -> Iterator[None]:
         _held.clear()
 
 
-def dispatch_signal(supervisor: Supervisor, signum: int) -> None:
+def dispatch_signal(
+    supervisor: Supervisor,
+    signum: int,
+    *,
+    on_hup: HupAction = "restart",
+    upgrade: Callable[[str], None] | None = None,
+) -> None:
     """Apply one signal to *supervisor* (what :func:`serve_signals` does for each).
 
     A signal is honoured at any instant before the supervisor stopped: one that
@@ -80,7 +113,12 @@ def dispatch_signal(supervisor: Supervisor, signum: int) -> None:
     name = signal.Signals(signum).name
     supervisor._publish_signal(name)
     actor = f"signal {name}"
-    if signum == signal.SIGHUP:
+    if signum == signal.SIGUSR2 or (signum == signal.SIGHUP and on_hup == "upgrade"):
+        if upgrade is None:
+            logger.warning("%s ignored: this program cannot upgrade itself here", name)
+        else:
+            upgrade(actor)
+    elif signum == signal.SIGHUP:
         if not supervisor.draining:
             supervisor.restart_nowait(actor=actor)
     elif supervisor.draining:

@@ -10,7 +10,7 @@ and ``_snapshot`` turns it all into JSON.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, overload
 
 import trio
@@ -104,6 +104,8 @@ class Supervisor:
         )
         # Shown in the snapshot: e.g. a grace that does not fit the outer kill deadline.
         self._warnings: list[str] = []
+        # Set by nd.run: starts the next generation of the program (see upgrade()).
+        self._upgrade: Callable[[str], Awaitable[int]] | None = None
 
     # -- defining services ------------------------------------------------------------
 
@@ -470,6 +472,29 @@ class Supervisor:
             self._app.extend(seconds)
         for record in draining:
             self._services.extend(record, seconds)
+
+    async def upgrade(self, *, actor: str = "code") -> int:
+        """Start the next generation of this program; once it is ready, drain this one.
+
+        Returns the new generation's pid once it is ready (this one then drains and
+        exits). Only a program run by :func:`nursery_down.run` or ``nursery-down run``
+        can upgrade. Raises :class:`InvalidTransitionError` when an upgrade cannot
+        start now (starting, draining, one under way, the previous generation still
+        draining) and :class:`UpgradeError` when the new generation failed (this one
+        keeps serving).
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._upgrade is None:
+            raise InvalidTransitionError(
+                f"supervisor {self.name!r} cannot upgrade itself: only a program run by "
+                "nd.run() or 'nursery-down run' can"
+            )
+        self._action("upgrade", None, actor)
+        return await self._upgrade(actor)
+
+    def announce(self, message: str, **detail: Any) -> None:
+        """Publish *message* about the whole app: the timeline shows it, the log has it."""
+        self._app.event(message, **detail)
 
     # -- reading ----------------------------------------------------------------------
 
