@@ -9,6 +9,10 @@ A request that arrives after the drain began gets 503 with ``Connection: close``
 
     python examples/http_service.py                  # then: curl 127.0.0.1:8000/work?seconds=2
     HTTP_ADDRESS=127.0.0.1:0 HTTP_DASHBOARD=127.0.0.1:8080 python examples/http_service.py
+    kill -USR2 <pid>                                 # upgrade: the new code takes the socket
+
+An upgrade runs the program again; the new generation inherits the listening socket
+(``nd.listener``), and once it is ready this one drains: no connection is refused.
 
 Needs the dashboard extra (quart-trio, hypercorn): pip install 'nursery-down[dashboard]'.
 """
@@ -96,24 +100,29 @@ sup = nd.Supervisor("http-service", grace=GRACE)
 @sup.service
 async def http(ctx: nd.ServiceContext) -> None:
     """Serve the API until a drain; then 503 readiness, stop accepting, finish requests."""
+    # A named listener: at an upgrade (SIGUSR2, nursery-down upgrade) the next
+    # generation inherits this very socket, so no connection is ever refused.
+    sock = nd.listener("http", ADDRESS)
+    host, port = sock.getsockname()[:2]
     config = Config()
-    config.bind = [ADDRESS]
+    config.bind = [f"fd://{os.dup(sock.fileno())}"]  # hypercorn closes what it is given
     config.accesslog = None
     # hypercorn must not cut requests before our own grace deadline does.
     config.graceful_timeout = GRACE + 1.0
     stop_accepting = trio.Event()
     asgi = shield_sends(run_requests_as_jobs(app, ctx))
     async with trio.open_nursery() as nursery:
-        binds = await nursery.start(
-            partial(serve, asgi, config, shutdown_trigger=stop_accepting.wait)
-        )
-        print(f"serving on {binds[0]}", file=sys.stderr, flush=True)
+        await nursery.start(partial(serve, asgi, config, shutdown_trigger=stop_accepting.wait))
+        print(f"serving on http://{host}:{port}", file=sys.stderr, flush=True)
         readiness["ready"] = True
         ctx.ready()
         await ctx.wait_draining()
         readiness["ready"] = False  # readiness first...
         await trio.sleep(PRE_DRAIN)
         stop_accepting.set()  # ...then no new connections; hypercorn waits for requests
+        # Our copy of the socket too: with no new generation holding it, connections are
+        # refused at once (a client retries elsewhere) rather than queued for nobody.
+        sock.close()
 
 
 if __name__ == "__main__":
