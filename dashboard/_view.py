@@ -100,6 +100,10 @@ def app_impacts(snapshot: dict[str, Any]) -> dict[str, str]:
             else "No jobs in flight: the process exits at once."
         ),
         "extend-grace": (f"Moves every drain's hard-cancel deadline later; {duration(left)} left."),
+        "upgrade": (
+            "Runs the program again (new code) with these sockets; once it is ready, this "
+            f"process drains and exits; {summary}."
+        ),
     }
 
 

@@ -78,6 +78,7 @@
         ? `Hard-cancels ${plural(n, "job")} in flight now; the process exits.`
         : "No jobs in flight: the process exits at once.",
       "extend-grace": `Moves every drain's hard-cancel deadline later; ${duration(left)} left.`,
+      upgrade: `Runs the program again (new code) with these sockets; once it is ready, this process drains and exits; ${summary}.`,
     };
   }
 
