@@ -108,9 +108,20 @@ class Services:
             record.settled.set()
             self._on_settled()
 
+    @property
+    def closing(self) -> bool:
+        """True once the runners' nursery is gone or cancelled: nothing may start now."""
+        return self.nursery is None or self.nursery.cancel_scope.cancel_called
+
     def launch(self, record: ServiceRecord, message: str) -> None:
         """Start a STOPPED/FAILED service's runner task: one runner per service, always."""
         assert self.nursery is not None
+        if self.closing:
+            # Torn down (an exception left a service, or the program is ending): a run
+            # started now would never be drained.
+            raise InvalidTransitionError(
+                f"cannot start {record.name!r}: the supervisor is shutting down"
+            )
         if record.has_runner:
             raise InvalidTransitionError(f"service {record.name!r} is already running")
         record.settled = trio.Event()

@@ -230,7 +230,6 @@ class Supervisor:
         services.order = [
             by_name[spec.name] for spec in start_order([r.spec for r in by_name.values()])
         ]
-        ended_cleanly = False
         try:
             async with trio.open_nursery() as nursery:
                 services.nursery = nursery
@@ -238,7 +237,6 @@ class Supervisor:
                     await app.start_up()
                     task_status.started()
                     await app.finished.wait()
-                    ended_cleanly = True
                     # Only helper tasks can be left: every service ended.
                     nursery.cancel_scope.cancel()
                 finally:
@@ -246,11 +244,15 @@ class Supervisor:
                     # tearing this nursery down), nothing in flight outlives the grace.
                     services.cut_off(app.deadline)
         except BaseException as exc:
-            if not ended_cleanly and _has_error(exc):
-                # Even if every service stopped on the way down, this is no clean exit.
+            if _has_error(exc):
+                # Even if every service stopped on the way down (and the app already
+                # said "stopped, exit code 0"), this is no clean exit.
                 app.crashed = True
                 app.exit_code = EXIT_FAILED
-                logger.error("supervisor %s torn down by %s", self.name, _describe(exc))
+                message = f"torn down by {_describe(exc)}: exit code {EXIT_FAILED}"
+                logger.error("supervisor %s %s", self.name, message)
+                if self.app_state == "stopped":  # (read anew: it changed during the run)
+                    app.event(message)
             raise
         finally:
             services.nursery = None

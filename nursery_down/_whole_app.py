@@ -97,7 +97,7 @@ class WholeApp:
             else:
                 self.begin_drain(grace)
         for record in order:
-            if self.state != "starting":  # a drain cut start-up short
+            if self.state != "starting" or self._services.closing:  # cut short
                 break
             if record.state in (S.STOPPED, S.FAILED) and not record.has_runner:
                 self._services.launch(record, "starting")
@@ -182,11 +182,18 @@ class WholeApp:
 
     async def _restart(self, record: ServiceRecord) -> None:
         services = self._services
+        # The restart means to run it again; a drain asked for while it stops wins.
+        record.held = False
         try:
             services.drain(record, trio.current_time() + services.grace_of(record))
             while record.state in ACTIVE_STATES or record.has_runner:
                 await services.wait_changed()
-            if self.state == "running" and not self.restarting_all:
+            if (
+                self.state == "running"
+                and not self.restarting_all
+                and not record.held
+                and not services.closing
+            ):
                 record.recent_restarts.clear()
                 record.restarts += 1
                 services.launch(record, "restart")
@@ -219,18 +226,24 @@ class WholeApp:
             stopped: list[ServiceRecord] = []
             for record in reversed(services.order):
                 if record.held:
-                    continue  # stopped on purpose by an operator: leave it stopped
+                    # Stopped (or stopping) on purpose by an operator: leave it so, but
+                    # wait until it has stopped before what it may use stops.
+                    while record.state in ACTIVE_STATES or record.has_runner:
+                        if self.state != "running":
+                            return
+                        await services.wait_changed()
+                    continue
                 if record.state in ACTIVE_STATES:
                     services.drain(record, trio.current_time() + services.grace_of(record))
                 elif record.state is not S.FAILED:
                     continue  # ended by itself: nothing to restart
                 while record.state in ACTIVE_STATES or record.has_runner or record.restart_pending:
-                    if self.state != "running":
+                    if self.state != "running" or services.closing:
                         return
                     await services.wait_changed()
                 stopped.append(record)
             for record in reversed(stopped):
-                if self.state != "running":
+                if self.state != "running" or services.closing:
                     return
                 if record.state in (S.STOPPED, S.FAILED) and not record.held:
                     record.recent_restarts.clear()

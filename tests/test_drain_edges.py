@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import signal
 from collections.abc import Awaitable, Callable
 
@@ -308,3 +309,164 @@ async def test_a_control_call_that_acted_returns_even_if_cancelled_after(
                 nursery.start_soon(cancel_soon)
                 await sup.drain("db")  # acts, then cannot be cut
                 assert sup.state_of("db") in (S.DRAINING, S.STOPPED)
+
+
+# -- found by the lifecycle state machine ----------------------------------------------
+
+
+@pytest.mark.parametrize("fatal", [SystemExit(0), KeyboardInterrupt()])
+async def test_a_fatal_exception_from_the_last_running_service_exits_1(
+    autojump_clock: trio.testing.MockClock, fatal: BaseException
+) -> None:
+    sup = nd.Supervisor("last")
+
+    async def service(ctx: nd.ServiceContext) -> None:
+        ctx.ready()
+        await trio.sleep(1)
+        raise fatal
+
+    sup.add(service, name="only")
+    with pytest.raises(BaseExceptionGroup) as info:
+        await sup.serve()
+    assert info.group_contains(type(fatal))
+    assert sup.exit_code == nd.EXIT_FAILED  # it is 0: "stopped, exit code 0"
+
+
+async def test_sighup_does_not_stop_a_service_while_a_later_one_still_drains(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    sup = nd.Supervisor("hup", grace=30.0)
+    log: list[str] = []
+
+    async def db(ctx: nd.ServiceContext) -> None:
+        ctx.ready()
+        await ctx.wait_draining()
+        log.append(f"db stopped at {trio.current_time():g}")
+
+    async def api(ctx: nd.ServiceContext) -> None:  # starts after db and uses it
+        ctx.ready()
+        async with ctx.job("long"):
+            await trio.sleep(10)
+            log.append(f"api job done at {trio.current_time():g}")
+
+    sup.add(db, name="db")
+    sup.add(api, name="api", after=["db"])
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sup.serve)
+        await sup.wait_app_state("running")
+        sup.drain_nowait("api")  # the operator drains api: its job runs on for 10 s
+        dispatch_signal(sup, signal.SIGHUP)  # restart every service
+        await trio.sleep(20)
+        sup.escalate_nowait()
+    # db must stop only after api (which may still be using it) stopped.
+    assert log[:2] == ["api job done at 10", "db stopped at 10"], log
+
+
+# Which of two tasks woken by the same transition runs first decides the outcome (trio
+# shuffles them), so each of these runs several times.
+ATTEMPTS = range(12)
+
+
+@pytest.mark.parametrize("attempt", ATTEMPTS)
+async def test_whole_app_drain_during_start_up_never_starts_a_later_service(
+    autojump_clock: trio.testing.MockClock, attempt: int
+) -> None:
+    sup = nd.Supervisor("race")
+    runs: list[str] = []
+
+    async def db(ctx: nd.ServiceContext) -> None:
+        runs.append("db")
+        await ctx.wait_draining()  # never ready: start-up waits on it
+
+    async def api(ctx: nd.ServiceContext) -> None:
+        runs.append("api")
+        ctx.ready()
+        await trio.sleep_forever()
+
+    sup.add(db, name="db")
+    sup.add(api, name="api")
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sup.serve)
+            await trio.testing.wait_all_tasks_blocked()
+            assert sup.app_state == "starting"
+            sup.drain_nowait()
+            await sup.wait_finished()
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()  # would otherwise hang: serve() never returns
+    assert runs == ["db"], f"attempt {attempt}: app {sup.app_state}, runs {runs}"
+
+
+@pytest.mark.parametrize("attempt", ATTEMPTS)
+async def test_a_fatal_exception_during_a_sighup_restart_gives_jobs_at_most_the_grace(
+    autojump_clock: trio.testing.MockClock, attempt: int
+) -> None:
+    sup = nd.Supervisor("teardown", grace=5.0)
+    send, receive = trio.open_memory_channel[float](math.inf)
+    send.send_nowait(1.0)  # in flight when the restart of every service drains it
+    send.send_nowait(3600.0)  # must never start: the process is exiting
+    runs: list[float] = []
+
+    async def api(ctx: nd.ServiceContext) -> None:
+        runs.append(trio.current_time())
+        ctx.ready()
+
+        async def worker() -> None:
+            async for seconds in ctx.intake(receive):
+                async with ctx.job(seconds):
+                    await trio.sleep(seconds)
+
+        async with trio.open_nursery() as nursery:
+            if len(runs) == 1:
+
+                async def exit_on_drain() -> None:
+                    await ctx.wait_draining()
+                    raise SystemExit(0)  # e.g. sys.exit() in a task of the service
+
+                nursery.start_soon(exit_on_drain)
+            nursery.start_soon(ctx.run_workers, 1, worker)
+
+    sup.add(api, name="api")
+
+    async def serve_and_restart_every_service() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.serve)
+            dispatch_signal(sup, signal.SIGHUP)
+
+    with pytest.raises(BaseExceptionGroup) as info:
+        await serve_and_restart_every_service()
+    assert info.group_contains(SystemExit)
+    # The SystemExit left the service at 1.0: nothing may start again, and nothing
+    # may run past 1.0 + grace.
+    assert (len(runs), trio.current_time()) == (1, 1.0), attempt
+
+
+async def test_a_drain_asked_for_during_a_restart_keeps_the_service_stopped(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    sup = nd.Supervisor("restart-then-drain", grace=30.0)
+    runs: list[float] = []
+
+    async def api(ctx: nd.ServiceContext) -> None:
+        runs.append(trio.current_time())
+        ctx.ready()
+        async with ctx.job("long"):  # the restart's drain waits for it
+            await trio.sleep(10)
+        await ctx.wait_draining()
+
+    async def other(ctx: nd.ServiceContext) -> None:  # keeps the app up
+        ctx.ready()
+        await ctx.wait_draining()
+
+    sup.add(api, name="api")
+    sup.add(other, name="other")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sup.serve)
+        await sup.wait_app_state("running")
+        await sup.restart("api")  # drain, then start again
+        await trio.sleep(1)
+        await sup.drain("api")  # the operator changes their mind: stop it
+        await trio.sleep(20)
+        state = sup.state_of("api")
+        await sup.escalate()
+    assert (runs, state) == ([0.0], S.STOPPED), (runs, state)
