@@ -65,6 +65,11 @@ def wait_while_running(pid: int, worker: Worker, what: str, condition: Callable[
         time.sleep(0.02)
 
 
+def handed_over(worker: Worker, times: int) -> Callable[[], bool]:
+    """A condition: *times* hand-overs to a new generation are in the log."""
+    return lambda: len(HANDED_OVER.findall(worker.output())) >= times
+
+
 def test_two_upgrades_under_load_lose_and_repeat_no_job(tmp_path: Path) -> None:
     queue_path = tmp_path / "queue.sqlite3"
     worker = Worker(queue_path, tmp_path / "run.log", rate=30)
@@ -78,10 +83,7 @@ def test_two_upgrades_under_load_lose_and_repeat_no_job(tmp_path: Path) -> None:
             )
             os.kill(newest, signal.SIGUSR2)
             wait_while_running(
-                newest,
-                worker,
-                f"the hand-over of upgrade {upgrade}",
-                lambda upgrade=upgrade: len(HANDED_OVER.findall(worker.output())) >= upgrade,
+                newest, worker, f"the hand-over of upgrade {upgrade}", handed_over(worker, upgrade)
             )
             pids = [int(m) for m in HANDED_OVER.findall(worker.output())]
             assert len(pids) == upgrade, worker.describe()
