@@ -89,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=60.0,
         help="seconds the new generation has to be ready at an upgrade (default 60)",
     )
+    run.add_argument(
+        "--pid-file",
+        metavar="PATH",
+        help="write the pid here; an upgrade replaces it atomically with the new one's",
+    )
     dashboard = run.add_mutually_exclusive_group()
     dashboard.add_argument(
         "--dashboard",
@@ -260,6 +265,7 @@ def _run(args: argparse.Namespace) -> int:
         on_hup=args.on_hup,
         upgrade_cwd=args.upgrade_cwd,
         upgrade_timeout=args.upgrade_timeout,
+        pid_file=args.pid_file,
     )
 
 

@@ -6,6 +6,7 @@ import contextlib
 import gc
 import importlib
 import logging
+import os
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
@@ -18,7 +19,7 @@ from ._exceptions import ConfigurationError, NurseryDownError
 from ._notify import serve_notify
 from ._signals import HupAction, holding_signals, serve_signals
 from ._supervisor import EXIT_FAILED, EXIT_USAGE, Supervisor
-from ._upgrade import DEFAULT_TIMEOUT, Upgrader
+from ._upgrade import DEFAULT_TIMEOUT, Upgrader, remove_pid_file, write_pid_file
 from ._validate import require_seconds
 
 logger = logging.getLogger("nursery_down")
@@ -38,6 +39,7 @@ async def open_supervisor(
     upgrade_argv: Sequence[str] | None = None,
     upgrade_cwd: str | None = None,
     upgrade_timeout: float = DEFAULT_TIMEOUT,
+    pid_file: str | None = None,
 ) -> AsyncIterator[Supervisor]:
     """Run *supervisor* inside an existing trio program for the duration of the block.
 
@@ -60,6 +62,8 @@ async def open_supervisor(
     the :func:`nursery_down.listener` sockets, and has *upgrade_timeout* seconds to be
     ready; then this one drains. *on_hup* chooses what SIGHUP does: ``"restart"``
     every service, or ``"upgrade"``. :func:`nursery_down.run` turns upgrades on.
+    *pid_file* is written with this process's pid at start, replaced atomically with
+    the new generation's pid at an upgrade, and removed at exit if it still names us.
     """
     if pre_drain is not None:
         supervisor.pre_drain = check_seconds("pre-drain delay", pre_drain)
@@ -84,8 +88,35 @@ async def open_supervisor(
                 supervisor._warnings.append(warning)
     upgrader = None
     if upgrades:
-        upgrader = Upgrader(supervisor, argv=upgrade_argv, cwd=upgrade_cwd, timeout=upgrade_timeout)
+        upgrader = Upgrader(
+            supervisor,
+            argv=upgrade_argv,
+            cwd=upgrade_cwd,
+            timeout=upgrade_timeout,
+            pid_file=pid_file,
+        )
         supervisor._upgrade = upgrader.upgrade
+    if pid_file is not None:
+        write_pid_file(pid_file, os.getpid())
+    try:
+        async with _running(
+            supervisor, dashboard, handle_signals, notify, on_hup, upgrader
+        ) as running:
+            yield running
+    finally:
+        if pid_file is not None:
+            remove_pid_file(pid_file)
+
+
+@asynccontextmanager
+async def _running(
+    supervisor: Supervisor,
+    dashboard: str | None,
+    handle_signals: bool,
+    notify: bool,
+    on_hup: HupAction,
+    upgrader: Upgrader | None,
+) -> AsyncIterator[Supervisor]:
     async with trio.open_nursery() as outer:
         if handle_signals:
             # First, and last to go: no signal may arrive unowned while services start
@@ -149,6 +180,7 @@ def run(
     upgrade_argv: Sequence[str] | None = None,
     upgrade_cwd: str | None = None,
     upgrade_timeout: float = DEFAULT_TIMEOUT,
+    pid_file: str | None = None,
 ) -> int:
     """Run *supervisor* until it drains, and return the process exit code.
 
@@ -169,8 +201,8 @@ def run(
     The program can upgrade itself without downtime: SIGUSR2 (or SIGHUP with
     ``on_hup="upgrade"``), ``POST /api/upgrade`` or ``nursery-down upgrade`` start the
     next generation with the :func:`nursery_down.listener` sockets; once it is ready,
-    this one drains and exits. *upgrade_argv*, *upgrade_cwd* and *upgrade_timeout*
-    are as for :func:`open_supervisor`.
+    this one drains and exits. *upgrade_argv*, *upgrade_cwd*, *upgrade_timeout* and
+    *pid_file* are as for :func:`open_supervisor`.
     """
     if grace is not None:
         supervisor.grace = require_seconds("grace", grace)
@@ -201,6 +233,7 @@ def run(
             upgrade_argv=upgrade_argv,
             upgrade_cwd=upgrade_cwd,
             upgrade_timeout=upgrade_timeout,
+            pid_file=pid_file,
         ) as running:
             # Everything allocated while starting lives as long as the program: keep it
             # out of the collector's way, so full collections stay short (they are

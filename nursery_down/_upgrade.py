@@ -63,8 +63,10 @@ class Upgrader:
         argv: Sequence[str] | None = None,
         cwd: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        pid_file: str | None = None,
     ) -> None:
         self._supervisor = supervisor
+        self._pid_file = pid_file
         self._argv = list(argv) if argv is not None else list(sys.orig_argv)
         if not self._argv or not all(isinstance(part, str) and part for part in self._argv):
             raise ConfigurationError(
@@ -212,6 +214,8 @@ class Upgrader:
             logger.error("%s", message)
             supervisor._app.event(message, upgrade="failed", pid=process.pid)
             raise UpgradeError(message)
+        if self._pid_file is not None:
+            write_pid_file(self._pid_file, process.pid)
         _announce_main_pid(process.pid)
         supervisor._app.event(
             f"upgrade: the new generation (pid {process.pid}) is ready; draining this one",
@@ -242,6 +246,28 @@ async def _read_ready(pipe: trio.lowlevel.FdStream) -> bool:
 
 #: The write ends of parent-alive pipes: held open for the whole life of the process.
 _parent_alive_pipes: list[int] = []
+
+
+def write_pid_file(path: str, pid: int) -> None:
+    """Replace the PID file at *path* atomically: a reader sees the old or the new pid."""
+    temporary = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(temporary, "w") as file:
+            file.write(f"{pid}\n")
+        os.replace(temporary, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        logger.warning("cannot write the PID file %s: %s", path, exc.strerror or exc)
+
+
+def remove_pid_file(path: str) -> None:
+    """Remove the PID file at *path* if it still names this process."""
+    with contextlib.suppress(OSError, ValueError):
+        with open(path) as file:
+            if int(file.read().strip()) != os.getpid():
+                return  # a new generation owns it now
+        os.unlink(path)
 
 
 def _read_handover() -> tuple[int, int, int] | None:
