@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from nursery_down.testing import ChaosHarness, TargetError
+from tests.polling import wait_for
 
 pytestmark = pytest.mark.subprocess
 
@@ -47,7 +48,13 @@ def chaos(tmp_path: Path) -> Iterator[ChaosHarness]:
 
 def test_an_in_memory_queue_under_sigkill_is_reported_lost(chaos: ChaosHarness) -> None:
     target = chaos.start(MEMORY_WORKER)
-    target.sleep(0.3)  # long enough for some jobs to finish
+    # Some jobs finished (acked, in the history) before the kill.
+    wait_for(
+        lambda: any(event.event == "ack" for event in chaos.history().events),
+        PATIENCE,
+        "a job acked",
+        process=target.process,
+    )
     running = target.wait_in_flight(2)
     target.send("KILL")
     assert target.wait_exit() == -signal.SIGKILL
@@ -164,10 +171,7 @@ def test_stop_kills_what_the_target_left_behind(chaos: ChaosHarness) -> None:
     started = time.monotonic()
     assert target.stop(grace=0.5) == -signal.SIGKILL  # it ignored the SIGTERM
     assert time.monotonic() - started < 10
-    deadline = time.monotonic() + PATIENCE
-    while _alive(child):
-        assert time.monotonic() < deadline, f"child {child} survived the cleanup"
-        time.sleep(0.01)
+    wait_for(lambda: not _alive(child), PATIENCE, f"child {child} to die in the cleanup")
 
 
 def _alive(pid: int) -> bool:

@@ -8,11 +8,12 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.polling import wait_for, wait_for_line
 
 PROGRAM = Path(__file__).resolve().parent / "programs" / "dashboard_app.py"
 TOKEN = "operator-test-token-0123456789"
@@ -35,11 +36,7 @@ def program_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             env=env,
         )
     try:
-        deadline = time.monotonic() + 20
-        while not (match := re.search(r"dashboard: (http://127\.0\.0\.1:\d+)/", log.read_text())):
-            assert time.monotonic() < deadline, log.read_text()
-            assert program.poll() is None, log.read_text()
-            time.sleep(0.02)
+        match = wait_for_line(log, r"dashboard: (http://127\.0\.0\.1:\d+)/", process=program)
         yield match.group(1)
         program.send_signal(signal.SIGTERM)
         assert program.wait(timeout=20) in (0, 3)
@@ -86,10 +83,10 @@ def test_drain_then_start_one_service(program_url: str) -> None:
     state = {s["name"]: s["state"] for s in json.loads(drained.stdout)["services"]}
     assert state["mailer"] in ("draining", "stopped")
     assert state["workers"] == "running"
-    deadline = time.monotonic() + 10
-    while "STOPPED" not in cli("status", "mailer", "--url", program_url).stdout:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    wait_for(
+        lambda: "STOPPED" in cli("status", "mailer", "--url", program_url).stdout,
+        what="`status mailer` to say STOPPED",
+    )
     started = cli("start", "mailer", "--url", program_url)
     assert started.returncode == 0, started.stderr
     assert re.search(r"^mailer\s+(STARTING|RUNNING)", started.stdout, re.MULTILINE)

@@ -7,9 +7,11 @@ SIGTERM with clients attached and time how long the process takes to exit.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import socket
-import time
+import struct
+import termios
 from pathlib import Path
 
 import pytest
@@ -119,12 +121,37 @@ def test_sigterm_with_a_client_that_stopped_reading_exits(tmp_path: Path) -> Non
                 program.port, "GET", "/api/snapshot?max_jobs=all", token=program.token
             )
             sock.sendall(one * 300)
-            time.sleep(0.3)  # let the server fill the buffers and block in its write
+            # The server's writes stall: the client's receive buffer holds data it never
+            # reads, and the server's side of the connection has data it cannot send.
+            client_port = sock.getsockname()[1]
+            wait_for(
+                lambda: unread_bytes(sock) > 0 and unsent_bytes(program.port, client_port) > 0,
+                what="the server's writes to stall",
+            )
             code, seconds = program.terminate()
     assert code == 0
     # The listening socket's TCP_USER_TIMEOUT (2 s) drops the stalled peer; without it
     # the process would never exit.
     assert seconds < 5.0, f"took {seconds:.3f} s to exit"
+
+
+def unread_bytes(sock: socket.socket) -> int:
+    """Bytes waiting in *sock*'s receive buffer."""
+    (count,) = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))
+    return int(count)
+
+
+def unsent_bytes(local_port: int, remote_port: int) -> int:
+    """Bytes written and not yet taken by the peer on the 127.0.0.1 TCP connection from
+    *local_port* to *remote_port* (the tx_queue column of /proc/net/tcp)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote, queues = fields[1], fields[2], fields[4]
+        if int(local.split(":")[1], 16) == local_port and int(remote.split(":")[1], 16) == (
+            remote_port
+        ):
+            return int(queues.split(":")[0], 16)
+    return 0
 
 
 def test_event_stream_shows_a_drain_as_it_happens(tmp_path: Path) -> None:

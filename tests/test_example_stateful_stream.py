@@ -7,14 +7,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.polling import wait_for_line
+from tests.polling import wait_for, wait_for_line
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "stateful_stream.py"
+WINDOW = 10  # events per checkpoint (STREAM_WINDOW)
 
 pytestmark = pytest.mark.subprocess
 
@@ -24,12 +24,20 @@ def start(state_dir: Path, log: Path) -> subprocess.Popen[bytes]:
         **os.environ,
         "STREAM_DIR": str(state_dir),
         "STREAM_EVENT_SECONDS": "0.005",
-        "STREAM_WINDOW": "10",
+        "STREAM_WINDOW": str(WINDOW),
     }
     with log.open("wb") as output:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(
             [sys.executable, str(EXAMPLE)], stdout=output, stderr=subprocess.STDOUT, env=env
         )
+
+
+def checkpointed(state_dir: Path) -> int:
+    """The position in the last checkpoint (written atomically), 0 before the first."""
+    try:
+        return int(json.loads((state_dir / "checkpoint.json").read_text())["position"])
+    except FileNotFoundError:
+        return 0
 
 
 def test_a_drained_instance_hands_over_to_a_waiting_one(tmp_path: Path) -> None:
@@ -39,8 +47,15 @@ def test_a_drained_instance_hands_over_to_a_waiting_one(tmp_path: Path) -> None:
     try:
         wait_for_line(first_log, r"resuming at event 0,")
         second = start(tmp_path, second_log)  # waits for the lock
-        time.sleep(0.5)  # let both run: the first processes, the second waits
+        # Its service began (and went for the lock); the first goes on processing
+        # a few windows meanwhile, and the second still waits.
+        wait_for_line(second_log, r"service processor: stopped -> starting", process=second)
+        floor = checkpointed(tmp_path) + 3 * WINDOW
+        wait_for(
+            lambda: checkpointed(tmp_path) >= floor, what=f"a checkpoint at {floor}", process=first
+        )
         assert "resuming" not in second_log.read_text()
+        assert (tmp_path / "processor.lock").read_text() == str(first.pid)
         first.send_signal(signal.SIGTERM)
         assert first.wait(timeout=20) == 0
         handed = int(wait_for_line(first_log, r"handing over at event (\d+)").group(1))
@@ -48,7 +63,12 @@ def test_a_drained_instance_hands_over_to_a_waiting_one(tmp_path: Path) -> None:
         assert handed % 10 == 0  # the window in flight finished before the hand-over
         resumed = int(wait_for_line(second_log, r"resuming at event (\d+)").group(1))
         assert resumed == handed
-        time.sleep(0.3)
+        # The second processes: a checkpoint of its own past the hand-over.
+        wait_for(
+            lambda: checkpointed(tmp_path) > handed,
+            what="a checkpoint of the second",
+            process=second,
+        )
         second.send_signal(signal.SIGTERM)
         assert second.wait(timeout=20) == 0
         final = json.loads((tmp_path / "checkpoint.json").read_text())
@@ -67,15 +87,15 @@ def test_a_stale_lock_from_a_killed_instance_is_taken_over(tmp_path: Path) -> No
     first = start(tmp_path, log)
     try:
         wait_for_line(log, r"resuming at event 0,")
-        time.sleep(0.3)
+        wait_for(lambda: checkpointed(tmp_path) > 0, what="a first checkpoint", process=first)
         first.kill()  # SIGKILL: no hand-over, the lock file stays behind
         first.wait(timeout=10)
         assert (tmp_path / "processor.lock").exists()
-        checkpointed = json.loads((tmp_path / "checkpoint.json").read_text())["position"]
+        position = json.loads((tmp_path / "checkpoint.json").read_text())["position"]
         second_log = tmp_path / "second.log"
         second = start(tmp_path, second_log)
         resumed = int(wait_for_line(second_log, r"resuming at event (\d+)").group(1))
-        assert resumed == checkpointed
+        assert resumed == position
         second.send_signal(signal.SIGTERM)
         assert second.wait(timeout=20) == 0
     finally:

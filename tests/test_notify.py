@@ -1,4 +1,10 @@
-"""The systemd notify protocol, in process: a real unix datagram socket and the real clock."""
+"""The systemd notify protocol, in process: a real unix datagram socket.
+
+The supervisor tests run under ``autojump_clock``: the notifier sends each datagram
+synchronously (a non-blocking ``sendto``), so a datagram is queued on the test's
+socket before the sending task blocks again, and the mock clock makes every sleep,
+grace and watchdog interval exact. Nothing here depends on how fast the machine is.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +14,11 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import trio
+import trio.testing
 
 import nursery_down as nd
 from nursery_down._notify import Notifier, monotonic_usec, status_line, watchdog_interval
@@ -127,10 +135,13 @@ def test_watchdog_interval_is_half_of_watchdog_usec_for_this_process(
 
 
 def test_monotonic_usec_is_the_monotonic_clock() -> None:
-    assert abs(monotonic_usec() / 1e6 - time.monotonic()) < 0.1
+    before = time.monotonic_ns() // 1000
+    usec = monotonic_usec()
+    after = time.monotonic_ns() // 1000
+    assert before <= usec <= after  # the same clock, read between two readings of it
 
 
-def test_status_lines() -> None:
+def test_status_lines(monkeypatch: pytest.MonkeyPatch) -> None:
     def snap(state: str, **extra: object) -> dict[str, object]:
         services = [
             {"state": "running", "in_flight": 3},
@@ -146,6 +157,8 @@ def test_status_lines() -> None:
         }
 
     now = time.time()
+    # The notifier's wall clock stands still: "12 s" and "5 s" whatever the machine's speed.
+    monkeypatch.setattr("nursery_down._notify.time", SimpleNamespace(time=lambda: now))
     assert status_line(snap("running")) == "running: 1/2 services up, 4 jobs in flight"
     assert status_line(snap("running"), reloading=True) == (
         "restarting every service in turn: 1/2 services up, 4 jobs in flight"
@@ -171,7 +184,9 @@ async def test_without_notify_socket_nothing_runs(monkeypatch: pytest.MonkeyPatc
             assert not nursery.child_tasks
 
 
-async def test_messages_through_start_restart_drain_and_stop(manager: socket.socket) -> None:
+async def test_messages_through_start_restart_drain_and_stop(
+    manager: socket.socket, autojump_clock: trio.testing.MockClock
+) -> None:
     sup = make_supervisor(job_seconds=1.0)
     messages: list[list[str]] = []
 
@@ -200,16 +215,18 @@ async def test_messages_through_start_restart_drain_and_stop(manager: socket.soc
     extends = [
         int(value(m, "EXTEND_TIMEOUT_USEC")) for m in messages if "EXTEND_TIMEOUT_USEC" in keys(m)
     ]
-    # 5 s of grace + 2 s of stop margin; then 10 s more, asked 0.1 s later.
+    # 5 s of grace + 2 s of stop margin; then 10 s more, asked 0.1 s (mock clock) later.
+    # Exact but for the real time between two wall-clock readings in the notifier,
+    # which can only make a value smaller: the lower bounds leave it half a second.
     assert 6_500_000 < extends[0] <= 7_000_000
-    assert 16_000_000 < extends[1] <= 17_000_000
+    assert 16_400_000 < extends[1] <= 16_900_000
     assert value(messages[0], "STATUS").startswith("starting: ")
     assert value(messages[-2], "STATUS").startswith("draining: 0/2 services up, 0 jobs in flight")
     assert value(messages[-1], "STATUS") == "stopped: exit code 0"
 
 
 async def test_watchdog_pings_at_half_the_interval(
-    manager: socket.socket, monkeypatch: pytest.MonkeyPatch
+    manager: socket.socket, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
 ) -> None:
     monkeypatch.setenv("WATCHDOG_USEC", "200000")
     sup = make_supervisor()
@@ -218,18 +235,18 @@ async def test_watchdog_pings_at_half_the_interval(
             await trio.sleep(0.55)
             await sup.escalate()
     pings = [m for m in received(manager) if m == ["WATCHDOG=1"]]
-    assert 4 <= len(pings) <= 8
+    assert len(pings) == 6  # at 0, 0.1, 0.2, 0.3, 0.4 and 0.5 s
 
 
 async def test_watchdog_for_another_process_is_not_pinged(
-    manager: socket.socket, monkeypatch: pytest.MonkeyPatch
+    manager: socket.socket, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
 ) -> None:
     monkeypatch.setenv("WATCHDOG_USEC", "200000")
     monkeypatch.setenv("WATCHDOG_PID", "1")
     sup = make_supervisor()
     with trio.fail_after(LIMIT):
         async with nd.open_supervisor(sup, notify=True):
-            await trio.sleep(0.3)
+            await trio.sleep(0.3)  # three intervals: a ping would have gone out
             await sup.escalate()
     messages = received(manager)
     assert messages
@@ -245,7 +262,10 @@ async def test_open_supervisor_does_not_notify_unless_asked(manager: socket.sock
 
 
 async def test_a_missing_socket_costs_one_warning(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    autojump_clock: trio.testing.MockClock,
 ) -> None:
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "gone"))
     sup = make_supervisor()

@@ -44,6 +44,9 @@ POISON = 2
 PATIENCE = 30.0
 #: Orphaned leases must be requeued this soon after the restart.
 RECOVERY_LIMIT = 5.0
+#: This many runs in a row that settle no job: the queue is not draining. (Counted in
+#: runs without progress, not in runs: a slow machine needs more runs, not fewer jobs.)
+STALLED_RUNS = 20
 
 
 @dataclass
@@ -143,6 +146,20 @@ class Harness:
             assert time.monotonic() < deadline, f"pid {run.pid} never came up"
             time.sleep(0.01)
 
+    def wait_working(self, run: Run) -> None:
+        """Wait until *run* holds a lease (a job in flight), or nothing is left to lease."""
+        deadline = time.monotonic() + PATIENCE
+        while not self.leased_by(run.pid) and self.counts()["queued"]:
+            assert run.process.poll() is None, f"pid {run.pid} exited early:\n{run.describe()}"
+            assert time.monotonic() < deadline, f"pid {run.pid} took no job in {PATIENCE} s"
+            time.sleep(0.01)
+
+    def settled(self) -> int:
+        """Jobs done or dead-lettered so far: what the runs have got through."""
+        (done,) = self.query("SELECT value FROM counters WHERE name = 'done'")
+        (dead,) = self.query("SELECT count(*) FROM dead_letters")
+        return int(str(done[0])) + int(str(dead[0]))
+
     def wait_empty(self, run: Run) -> None:
         deadline = time.monotonic() + PATIENCE
         while self.counts() != {"queued": 0, "leased": 0}:
@@ -197,17 +214,27 @@ def test_sigkill_at_random_instants_loses_no_job(harness: Harness) -> None:
     # about to start) and the run that came after it.
     orphans_of_kill: list[tuple[set[int], int]] = []
     kills = 0
+    # Runs in a row that got no job through: how a queue that stopped draining shows.
+    fruitless = 0
     while kills < 10 or harness.counts()["queued"]:
-        assert kills < 60, f"the queue is not draining (seed {seed})"
+        assert fruitless < STALLED_RUNS, f"the queue is not draining (seed {seed})"
+        before = harness.settled()
         run = harness.start()
-        # Anywhere from during startup to well into the work.
-        time.sleep(rng.uniform(0.1, 0.9))
+        if kills % 2:
+            # Into the work, however long the start-up took: a random instant after
+            # the run took its first job.
+            harness.wait_working(run)
+            time.sleep(rng.uniform(0.0, 0.5))
+        else:
+            # Anywhere from during start-up on: a random instant after the spawn.
+            time.sleep(rng.uniform(0.1, 0.9))
         if run.process.poll() is not None:
             raise AssertionError(f"pid {run.pid} exited by itself:\n{run.describe()}")
         run.process.send_signal(signal.SIGKILL)
         assert run.wait_exit() == -signal.SIGKILL
         kills += 1
         orphans_of_kill.append((harness.leased_by(run.pid), len(harness.runs)))
+        fruitless = 0 if harness.settled() > before else fruitless + 1
     final = harness.start()
     harness.wait_up(final)
     harness.wait_empty(final)
@@ -246,8 +273,10 @@ def test_sigterm_at_random_instants_loses_and_repeats_nothing(harness: Harness) 
     rng = random.Random(seed)
     good, poison = harness.fill(rng)
     terms = 0
+    fruitless = 0  # runs in a row that got no job through
     while harness.counts()["queued"] or terms < 3:
-        assert terms < 40, f"the queue is not draining (seed {seed})"
+        assert fruitless < STALLED_RUNS, f"the queue is not draining (seed {seed})"
+        before = harness.settled()
         run = harness.start()
         up = harness.wait_up(run)
         time.sleep(max(0.0, up + rng.uniform(0.0, 0.6) - time.time()))
@@ -256,6 +285,7 @@ def test_sigterm_at_random_instants_loses_and_repeats_nothing(harness: Harness) 
         terms += 1
         # A clean drain leaves no lease behind: running jobs were acked, held ones released.
         assert harness.leased_by(run.pid) == set(), f"seed {seed}"
+        fruitless = 0 if harness.settled() > before else fruitless + 1
     check_outcome(harness, good, poison, seed)
     repeated = {job for job, n in harness.completions().items() if n > 1}
     assert not repeated, f"jobs run twice after SIGTERM (seed {seed}): {sorted(repeated)}"
