@@ -118,7 +118,7 @@ class Upgrader:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 logger.warning("the previous generation went away before we were ready")
                 return
-        supervisor._app.event(  # the runner reports on the app
+        supervisor.announce(  # the runner reports on the app
             f"upgrade: this generation (pid {os.getpid()}) is ready; the previous one "
             f"(pid {self._predecessor}) drains",
             upgrade="ready",
@@ -133,7 +133,7 @@ class Upgrader:
                 pass
         self._predecessor_gone.set()
         if self._supervisor.app_state != "stopped":
-            self._supervisor._app.event(
+            self._supervisor.announce(
                 f"upgrade: the previous generation (pid {parent_pid}) has exited",
                 upgrade="predecessor exited",
             )
@@ -190,34 +190,46 @@ class Upgrader:
         # Kept open until this process exits: its end tells the child we are gone.
         _parent_alive_pipes.append(alive_write)
         self._pending = process.pid
-        supervisor._app.event(
+        supervisor.announce(
             f"upgrade asked by {actor}: started the new generation (pid {process.pid})",
             upgrade="started",
             pid=process.pid,
         )
         try:
-            ready = await self._wait_ready(process, ready_read)
+            outcome = await self._wait_ready(ready_read)
+        except BaseException:
+            # Cancelled (the program is ending): the new generation must not outlive us
+            # unannounced.
+            await _kill_and_reap(process)
+            raise
         finally:
             self._pending = None
-        if not ready:
-            await _kill_and_reap(process)
+        if outcome != "ready":
+            # A new generation that closed its pipe is exiting: let it finish, so that
+            # its exit code says why.
+            await _kill_and_reap(process, wait=5.0 if outcome == "exited" else 0.0)
             code = process.returncode
-            reason = (
-                f"exited with code {code}"
-                if code is not None and code >= 0
-                else f"was not ready within {self._timeout:g} s and was killed"
+            if outcome == "timeout":
+                reason = f"was not ready within {self._timeout:g} s and was killed"
+            elif outcome == "draining":
+                reason = "was killed: this process began to drain before it was ready"
+            elif code is not None and code < 0:
+                reason = f"was killed by {signal.Signals(-code).name} before it was ready"
+            else:
+                reason = f"exited with code {code} before it was ready"
+            after = (
+                "this process drains as asked"
+                if outcome == "draining"
+                else ("this process keeps serving")
             )
-            message = (
-                f"upgrade failed: the new generation (pid {process.pid}) {reason}; "
-                "this process keeps serving"
-            )
+            message = f"upgrade failed: the new generation (pid {process.pid}) {reason}; {after}"
             logger.error("%s", message)
-            supervisor._app.event(message, upgrade="failed", pid=process.pid)
+            supervisor.announce(message, upgrade="failed", pid=process.pid)
             raise UpgradeError(message)
         if self._pid_file is not None:
             write_pid_file(self._pid_file, process.pid)
         _announce_main_pid(process.pid)
-        supervisor._app.event(
+        supervisor.announce(
             f"upgrade: the new generation (pid {process.pid}) is ready; draining this one",
             upgrade="handed over",
             pid=process.pid,
@@ -226,11 +238,27 @@ class Upgrader:
         # Reaped when it exits, so that it never lingers as a zombie of ours.
         return process.pid
 
-    async def _wait_ready(self, process: trio.Process, ready_read: int) -> bool:
-        async with trio.lowlevel.FdStream(ready_read) as pipe:
-            with trio.move_on_after(self._timeout):
-                return await _read_ready(pipe)
-        return False
+    async def _wait_ready(self, ready_read: int) -> str:
+        """``"ready"``, ``"exited"`` (the pipe closed first), ``"timeout"`` or
+        ``"draining"`` (this process began to drain: the upgrade is called off)."""
+        outcome = "timeout"
+        async with trio.lowlevel.FdStream(ready_read) as pipe, trio.open_nursery() as race:
+
+            async def read() -> None:
+                nonlocal outcome
+                outcome = "ready" if await _read_ready(pipe) else "exited"
+                race.cancel_scope.cancel()
+
+            async def watch_drain() -> None:
+                nonlocal outcome
+                await self._supervisor.wait_app_state("draining", "stopped")
+                outcome = "draining"
+                race.cancel_scope.cancel()
+
+            race.cancel_scope.deadline = trio.current_time() + self._timeout
+            race.start_soon(read)
+            race.start_soon(watch_drain)
+        return outcome
 
 
 async def _read_ready(pipe: trio.lowlevel.FdStream) -> bool:
@@ -291,8 +319,11 @@ def _announce_main_pid(pid: int) -> None:
         notifier.send(f"MAINPID={pid}", "READY=1")
 
 
-async def _kill_and_reap(process: trio.Process) -> None:
+async def _kill_and_reap(process: trio.Process, *, wait: float = 0.0) -> None:
+    """Reap *process*, killing it if it has not exited within *wait* seconds."""
     with trio.CancelScope(shield=True):
+        with trio.move_on_after(wait):
+            await process.wait()
         if process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGKILL)
