@@ -214,3 +214,17 @@ def test_the_installed_command_runs_chaos(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(report_path.read_text())
     assert (report["runs"], report["lost"]) == (2, 0)
+
+
+@pytest.mark.subprocess
+def test_an_upgrade_at_random_instants_loses_and_repeats_nothing(tmp_path: Path) -> None:
+    report_path = tmp_path / "report.json"
+    code = chaos(
+        WORKER, "--runs=3", "--signal=USR2", f"--seed={SEED}", *FAST, f"--json={report_path}"
+    )
+    report = json.loads(report_path.read_text())
+    assert code == 0, report["verdict"]
+    check_proof(report, 3, {"USR2"})
+    assert report["duplicated"] == 0  # both generations consumed: leases kept each job to one
+    # The harness's own child is the old generation: it exited 0 after the hand-over.
+    assert all(run["exit_codes"] == [0] for run in report["details"])

@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
+import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -19,7 +22,7 @@ from ._harness import ChaosHarness, Target, TargetError
 from ._history import CheckReport, job_order
 
 #: What ``--signal`` accepts: a signal, or TERM then another TERM during the drain.
-PLANS = ("TERM", "INT", "HUP", "KILL", "TERM+TERM")
+PLANS = ("TERM", "INT", "HUP", "KILL", "TERM+TERM", "USR2")
 #: Exit codes ``nursery-down run`` may end with after a drain that was escalated.
 ESCALATED_EXITS = (0, 3)
 
@@ -36,7 +39,9 @@ Each run gets a fresh folder. The target finds there, through its environment, t
 SQLite queue file to use ($QUEUE_PATH, or the variable --queue-env names) and the
 history file for a RecordingSource ($NURSERY_DOWN_HISTORY). After a KILL the target
 is started once more, until the jobs the kill interrupted are done, then stopped
-with TERM. HUP is followed by TERM after another random delay.
+with TERM. HUP is followed by TERM after another random delay. USR2 upgrades the
+target: its next generation takes over, the old one must drain and exit 0, and the
+new one is stopped with TERM after another random delay (and must exit cleanly too).
 
 Run i uses seed SEED+i, so `--seed SEED+i --runs 1` replays it (the signal and its
 instant; the target's own timing still varies).
@@ -77,7 +82,8 @@ def add_chaos_command(subparsers: argparse._SubParsersAction[Any]) -> None:
         action="append",
         type=_plan,
         metavar="SIGNAL",
-        help="TERM, INT, HUP, KILL or TERM+TERM; repeat to mix them at random (default TERM)",
+        help="TERM, INT, HUP, KILL, TERM+TERM or USR2 (upgrade); repeat to mix them at "
+        "random (default TERM)",
     )
     chaos.add_argument(
         "--after",
@@ -353,6 +359,8 @@ def _drive(
     elif plan == "HUP":
         target.send_after("TERM", later)
         _expect_exit(target, (0,), options, result)
+    elif plan == "USR2":
+        _follow_upgrade(harness, target, later, options, result)
     else:  # KILL, then start again: the jobs the kill interrupted must get done
         code = target.wait_exit(options.timeout)
         if code != -9:
@@ -364,6 +372,58 @@ def _drive(
         follow.wait_done(orphans, options.timeout)
         follow.send("TERM")
         _expect_exit(follow, (0,), options, result)
+
+
+#: What the old generation logs once the new one is ready.
+_HANDED_OVER = re.compile(r"upgrade: the new generation \(pid (\d+)\) is ready")
+
+
+def _follow_upgrade(
+    harness: ChaosHarness, target: Target, later: float, options: _Options, result: RunResult
+) -> None:
+    """USR2: the old generation exits 0 once the new one is ready; then TERM the new one."""
+    try:
+        code = target.wait_exit(options.exit_within + options.timeout)
+    except TargetError:
+        result.problems.append(f"pid {target.pid} still ran after USR2 (no upgrade took over)")
+        return
+    match = _HANDED_OVER.search(target.output())
+    if match is None:
+        result.problems.append(f"pid {target.pid} exited {code} after USR2 without an upgrade")
+        return
+    if code != 0:
+        result.problems.append(f"pid {target.pid} exited {code} after its upgrade, not 0")
+    successor = int(match.group(1))
+    try:
+        time.sleep(later)
+        harness.recorder.record_signal(successor, "SIGTERM")
+        os.kill(successor, signal.SIGTERM)
+        deadline = time.monotonic() + options.exit_within
+        while _alive(successor):
+            if time.monotonic() > deadline:
+                result.problems.append(
+                    f"pid {successor} (the new generation) still ran "
+                    f"{options.exit_within:g} s after SIGTERM"
+                )
+                return
+            time.sleep(0.02)
+    except ProcessLookupError:
+        result.problems.append(f"the new generation (pid {successor}) died before SIGTERM")
+    finally:
+        if _alive(successor):
+            os.kill(successor, signal.SIGKILL)
+    stopped = target.output().count("stopped, exit code 0")
+    if stopped < 2:
+        result.problems.append(f"the new generation (pid {successor}) did not exit 0")
+
+
+def _alive(pid: int) -> bool:
+    """True while *pid* runs (a zombie that nobody reaps runs no code: not alive)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return "\nState:\tZ" not in status.read()
+    except OSError:
+        return False
 
 
 def _start(harness: ChaosHarness, options: _Options, result: RunResult) -> Target | None:
