@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from nursery_down.testing import check_history, read_history
+from nursery_down.testing import CheckReport, check_history, read_history
 from tests.polling import wait_for_line
 
 pytestmark = pytest.mark.subprocess
@@ -150,6 +150,27 @@ def restarted(worker: Worker, times: int) -> Callable[[], bool]:
     return lambda: worker.output().count(RESTARTED) >= times
 
 
+def assert_every_job_acked_once(queue_path: Path) -> CheckReport:
+    """The queue's history shows every job put acked exactly once: none lost, none run
+    twice, none failed or dead, and no lease taken back from a process."""
+    history = read_history(sqlite=queue_path)
+    report = check_history(history)
+    assert report.ok, report.describe()
+    assert report.enqueued, report.describe()
+    assert report.acked == report.enqueued, report.describe()
+    assert not report.lost, report.describe()
+    assert not report.dead, report.describe()
+    assert not report.pending, report.describe()
+    assert not report.duplicated, report.describe()
+    acks = collections.Counter(event.job for event in history.events if event.event == "ack")
+    twice = sorted(job for job, count in acks.items() if count != 1)
+    assert not twice, f"jobs acked more than once: {twice}"
+    kinds = {event.event for event in history.events}
+    assert not kinds & {"fail", "dead", "recover"}, kinds
+    assert query(queue_path, "SELECT count(*) FROM dead_letters") == [(0,)]
+    return report
+
+
 @pytest.fixture
 def workers() -> Iterator[list[Worker]]:
     """Runs of the example; any still running at the end of the test is killed."""
@@ -199,21 +220,7 @@ def test_three_sighups_then_sigterm_lose_and_repeat_no_job(
     assert finisher.wait_exit() == 0, finisher.describe()
     assert TROUBLE.search(finisher.output()) is None, finisher.describe()
 
-    history = read_history(sqlite=queue_path)
-    report = check_history(history)
-    assert report.ok, report.describe()
-    assert report.enqueued, report.describe()
-    assert report.acked == report.enqueued, report.describe()
-    assert not report.lost, report.describe()
-    assert not report.dead, report.describe()
-    assert not report.pending, report.describe()
-    assert not report.duplicated, report.describe()
-    acks = collections.Counter(event.job for event in history.events if event.event == "ack")
-    twice = sorted(job for job, count in acks.items() if count != 1)
-    assert not twice, f"jobs acked more than once: {twice}"
-    kinds = {event.event for event in history.events}
-    assert not kinds & {"fail", "dead", "recover"}, kinds
-    assert query(queue_path, "SELECT count(*) FROM dead_letters") == [(0,)]
+    report = assert_every_job_acked_once(queue_path)
     assert query(queue_path, "SELECT value FROM counters WHERE name = 'done'") == [
         (len(report.enqueued),)
     ]

@@ -8,7 +8,6 @@ exactly once, nothing is dead, and no lease was ever taken back from a live proc
 
 from __future__ import annotations
 
-import collections
 import os
 import re
 import signal
@@ -18,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from nursery_down.testing import check_history, read_history
 from tests.polling import wait_for_line
 from tests.test_example_restart import (
     GRACE,
@@ -26,8 +24,8 @@ from tests.test_example_restart import (
     STARTED,
     TROUBLE,
     Worker,
+    assert_every_job_acked_once,
     leased,
-    query,
     remaining,
     working,
 )
@@ -123,17 +121,5 @@ def test_two_upgrades_under_load_lose_and_repeat_no_job(tmp_path: Path) -> None:
         finally:
             finisher.stop()
 
-    history = read_history(sqlite=queue_path)
-    report = check_history(history)
-    assert report.ok, report.describe()
-    assert report.enqueued, report.describe()
-    assert report.acked == report.enqueued, report.describe()
-    assert not report.lost, report.describe()
-    assert not report.dead, report.describe()
-    assert not report.duplicated, report.describe()
-    acks = collections.Counter(event.job for event in history.events if event.event == "ack")
-    assert sorted(job for job, count in acks.items() if count != 1) == []
     # Two live generations shared the file: neither took back the other's leases.
-    kinds = {event.event for event in history.events}
-    assert not kinds & {"fail", "dead", "recover"}, kinds
-    assert query(queue_path, "SELECT count(*) FROM dead_letters") == [(0,)]
+    assert_every_job_acked_once(queue_path)
