@@ -75,6 +75,10 @@ class _Registry:
         else:
             sock = _bind(name, host, port, backlog, options)
             logger.info("listener %s: listening on %s", name, _where(sock))
+        # Non-blocking, always: the generations share the socket's open file, and with it
+        # O_NONBLOCK; a blocking socket object (or a dup() of one) would clear it and
+        # make the other generation's event loop block in accept().
+        sock.setblocking(False)
         self.sockets[name] = sock
         return sock
 
@@ -107,7 +111,8 @@ def listener(
     *address* is ``(host, port)`` or ``"host:port"`` (port 0: any free port, kept across
     upgrades). *options* are ``(level, option, value)`` for ``setsockopt`` on a newly
     bound socket (an inherited one has them already). Asking again for the same name
-    returns the same socket until it is closed. The socket
+    returns the same socket until it is closed. The socket is non-blocking (keep it
+    so: the generations share its O_NONBLOCK flag). The socket
     belongs to nursery_down (it is passed on at an upgrade): hand servers a duplicate,
     e.g. hypercorn's ``config.bind = [f"fd://{os.dup(sock.fileno())}"]`` or
     ``trio.socket.from_stdlib_socket(sock.dup())`` for ``trio.serve_listeners``.

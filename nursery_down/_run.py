@@ -128,14 +128,25 @@ async def _running(
         if notify:
             # Subscribed before the services start, so it sees every one of them.
             await outer.start(serve_notify, supervisor)
+        # A new generation started by an upgrade serves its (inherited) dashboard socket
+        # only once its services are up: until then, the old generation answers there.
+        dashboard_last = upgrader is not None and upgrader.successor
+        dashboard_up = trio.Event()
+        if dashboard is not None and upgrader is not None and dashboard_last:
+            upgrader.hold_ready_until(dashboard_up)
         async with trio.open_nursery() as inner:
-            if dashboard is not None:
+            if dashboard is not None and not dashboard_last:
                 # Before the services: /readyz answers 503 while they start, and a bad
                 # or taken address fails before any service ran.
                 info = await _start_dashboard(inner, supervisor, dashboard)
                 if upgrader is not None:
                     upgrader.dashboard_token = info.token
             await inner.start(supervisor.serve)
+            if dashboard is not None and dashboard_last:
+                info = await _start_dashboard(inner, supervisor, dashboard)
+                if upgrader is not None:
+                    upgrader.dashboard_token = info.token
+                dashboard_up.set()
             try:
                 yield supervisor
             except BaseException:

@@ -79,8 +79,21 @@ class Upgrader:
         # Set in a new generation until its predecessor exited.
         self._predecessor: int | None = None
         self._predecessor_gone = trio.Event()
+        # Set in a generation started by an upgrade: (ready fd, parent fd, parent pid).
+        self._handover = _read_handover()
+        # What must be up before this generation says it is ready (its dashboard).
+        self._ready_gates: list[trio.Event] = []
         #: The operator token the dashboard generated, kept by the next generation.
         self.dashboard_token: str | None = None
+
+    @property
+    def successor(self) -> bool:
+        """True in a generation started by an upgrade (until it is ready or gave up)."""
+        return self._handover is not None
+
+    def hold_ready_until(self, gate: trio.Event) -> None:
+        """Do not say ready to the previous generation before *gate* is set."""
+        self._ready_gates.append(gate)
 
     @property
     def predecessor(self) -> int | None:
@@ -92,7 +105,7 @@ class Upgrader:
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """In a generation started by an upgrade: say ready once the app runs, then
         watch the predecessor until it exits. Elsewhere: return at once."""
-        handover = _read_handover()
+        handover = self._handover
         if handover is None:
             self._predecessor_gone.set()
             task_status.started()
@@ -108,6 +121,8 @@ class Upgrader:
         supervisor = self._supervisor
         async with trio.lowlevel.FdStream(ready_fd) as pipe:
             await supervisor.wait_app_state("running", "draining", "stopped")
+            for gate in self._ready_gates:
+                await gate.wait()
             if supervisor.app_state != "running":
                 return  # drained while starting: never ready; the old one keeps serving
             closed = close_unclaimed_listeners()

@@ -1,7 +1,8 @@
-"""A program that upgrades itself: a TCP service on a named listener, and a queue worker.
+"""A program that upgrades itself: a TCP service on a named listener.
 
 ``http`` answers each connection with one line, ``<pid> <generation>``; its socket comes
-from ``nd.listener`` so that a new generation inherits it. Environment:
+from ``nd.listener`` so that a new generation inherits it. A drain stops the accepting,
+never an answer: a connection accepted as the drain begins is answered too. Environment:
 
 - ``UPGRADE_APP_PORT_FILE``: where to write the listener's port (once bound)
 - ``UPGRADE_APP_GENERATION_FILE``: a file holding the generation's label, read at start
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -51,18 +53,34 @@ async def http(ctx: nd.ServiceContext) -> None:
         raise SystemExit(3)
     if MODE == "hang":
         await trio.sleep_forever()
+    # Non-blocking first: socket.dup() copies the timeout, and the default one (None)
+    # clears O_NONBLOCK on the open file description, which the generations share: the
+    # other generation's trio would then block in accept(), its whole loop with it.
+    sock.setblocking(False)
     listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(sock.dup()))]
 
-    async def answer(stream: trio.SocketStream) -> None:
-        async with ctx.job(f"connection-{id(stream)}"):
-            await stream.send_all(f"{os.getpid()} {GENERATION}\n".encode())
-            await stream.aclose()
+    async def reply(stream: trio.SocketStream) -> None:
+        await stream.send_all(f"{os.getpid()} {GENERATION}\n".encode())
+        await stream.aclose()
 
-    async with trio.open_nursery() as nursery:
-        await nursery.start(trio.serve_listeners, answer, listeners)
+    async def answer(stream: trio.SocketStream) -> None:
+        try:
+            async with ctx.job(f"connection-{id(stream)}"):
+                await reply(stream)
+        except nd.DrainingError:
+            # Accepted in the instant the drain began (both generations accept until
+            # the old one has seen the new one ready): still ours to answer.
+            await reply(stream)
+
+    # Every connection accepted is answered: the drain stops the accepting, never a
+    # handler (they run in a nursery of their own, which the service waits for).
+    async with trio.open_nursery() as handlers, trio.open_nursery() as accepting:
+        await accepting.start(
+            partial(trio.serve_listeners, answer, listeners, handler_nursery=handlers)
+        )
         ctx.ready()
         await ctx.wait_draining()
-        nursery.cancel_scope.cancel()  # stop accepting; the new generation accepts
+        accepting.cancel_scope.cancel()  # stop accepting; the new generation accepts
 
 
 if __name__ == "__main__":

@@ -1,0 +1,836 @@
+"""Self-upgrade with real processes and real signals: no connection is ever refused.
+
+Each test starts ``tests/programs/upgrade_app.py`` with a dashboard on 127.0.0.1:0. Its
+``http`` service answers every connection with ``<pid> <generation>`` on
+``nd.listener("http", ...)``; the generation's label and its mode (ok, crash, hang) are
+read from files at start, so the test changes them between upgrades as a deploy changes
+the code. An upgrade (SIGUSR2, ``POST /api/upgrade`` or ``nursery-down upgrade``) runs
+the program again with the sockets inherited; once the new generation is ready, the old
+one drains and exits 0. A new generation that fails (crashes, hangs past the timeout,
+is killed) is killed and reaped by the old one, which keeps serving.
+
+Every generation after the first is a grandchild of the test, orphaned when its parent
+exits: the test makes itself a child subreaper (``PR_SET_CHILD_SUBREAPER``, what systemd
+is for a unit's processes), so that an orphaned generation becomes its child. It reaps
+each one itself and reads its real exit code, and none is left as a zombie.
+
+Synchronisation is on observable state only: the port file, the dashboard's URL line,
+the log lines on stderr (every generation writes to the same file), exit codes, /proc,
+HTTP answers and the datagrams on a notify socket. Every wait is bounded by PATIENCE.
+
+The last tests are bugs these tests found in the core, kept as regression tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+import nursery_down as nd
+from tests.dashboard_helpers import URL_LINE, read_response, request_bytes
+
+pytestmark = pytest.mark.subprocess
+
+PROGRAM = Path(__file__).resolve().parent / "programs" / "upgrade_app.py"
+TOKEN = "upgrade-test-token-5b2e19"
+#: Every wait on a program has this bound, so a hang fails instead of stalling.
+PATIENCE = 30.0
+#: The client threads: bounded in time and count, and paced so that they leave the
+#: programs (which start a new interpreter at each upgrade) CPU on a 2-core machine.
+CLIENT_LIMIT = 180.0
+MAX_CONNECTIONS = 100_000
+PACE = 0.002
+#: Answers a client must have seen from a generation before the test goes on.
+SOME = 20
+#: prctl(2): orphaned descendants are reparented to us, not to PID 1.
+PR_SET_CHILD_SUBREAPER = 36
+
+STARTED = re.compile(r"started the new generation \(pid (\d+)\)")
+CLI_UPGRADED = re.compile(
+    r"upgraded: the new generation \(pid (\d+)\) is ready; this one \(pid (\d+)\) drains"
+)
+
+T = TypeVar("T")
+
+
+def ready_line(new: int) -> str:
+    """What the old generation logs once *new* is ready."""
+    return f"upgrade: the new generation (pid {new}) is ready; draining this one"
+
+
+def exited_line(old: int) -> str:
+    """What the new generation logs once its predecessor *old* exited."""
+    return f"upgrade: the previous generation (pid {old}) has exited"
+
+
+def failed_line(child: int) -> str:
+    """The start of what the old generation logs (and answers) when *child* failed."""
+    return f"upgrade failed: the new generation (pid {child})"
+
+
+# -- processes, from /proc ------------------------------------------------------------------
+
+
+def proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name, or None once the pid is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # gone (ENOENT), or vanishing as we read (ESRCH)
+        return None
+    return stat.rpartition(")")[2].split()
+
+
+def proc_state(pid: int) -> str | None:
+    """The process state letter (R, S, Z...), or None once the pid is reaped."""
+    fields = proc_stat(pid)
+    return fields[0] if fields else None
+
+
+def running(pid: int) -> bool:
+    """Whether *pid* exists and has not exited (a zombie has exited)."""
+    return proc_state(pid) not in (None, "Z", "X")
+
+
+def children_of(pid: int) -> list[int]:
+    """Every process whose parent is *pid*, zombies included."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = proc_stat(int(entry.name))
+            if fields is not None and int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.fixture
+def subreaper() -> Iterator[None]:
+    """Make this process a child subreaper for the test (see the module docstring)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        pytest.fail(f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(ctypes.get_errno())}")
+    try:
+        yield
+    finally:
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+# -- the program ------------------------------------------------------------------------------
+
+
+def ask(port: int) -> tuple[int, str]:
+    """One connection to the ``http`` listener: (pid, generation) of whoever answered."""
+    with socket.create_connection(("127.0.0.1", port), timeout=PATIENCE) as sock:
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(64)
+            if not chunk:
+                raise ConnectionError(f"closed after {data!r}, without a whole answer")
+            data += chunk
+    pid, generation = data.decode().split()
+    return int(pid), generation
+
+
+class App:
+    """``python tests/programs/upgrade_app.py`` and every generation it upgrades to.
+
+    All generations write their stderr to one file. The first is our child; the later
+    ones become ours when their parent exits (the test is a subreaper).
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        timeout: float = 60.0,
+        token: str | None = TOKEN,
+        notify_socket: str | None = None,
+    ) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.log_path = directory / "stderr"
+        self.port_file = directory / "port"
+        self.generation_file = directory / "generation"
+        self.mode_file = directory / "mode"
+        self.port_file.unlink(missing_ok=True)  # only the program's own counts
+        self.set_generation("1")
+        self.set_mode("ok")
+        env = {
+            name: value
+            for name, value in os.environ.items()
+            if not name.startswith(("NURSERY_DOWN_", "UPGRADE_APP_"))
+        }
+        for name in (
+            "NOTIFY_SOCKET",
+            "WATCHDOG_USEC",
+            "WATCHDOG_PID",
+            "LISTEN_FDS",
+            "LISTEN_PID",
+            "LISTEN_FDNAMES",
+        ):
+            env.pop(name, None)
+        self.client_env = dict(env)  # for the CLI: the token goes on its command line
+        env.update(
+            UPGRADE_APP_PORT_FILE=str(self.port_file),
+            UPGRADE_APP_GENERATION_FILE=str(self.generation_file),
+            UPGRADE_APP_MODE_FILE=str(self.mode_file),
+            UPGRADE_APP_TIMEOUT=f"{timeout:g}",
+            UPGRADE_APP_GRACE="5",
+            UPGRADE_APP_DASHBOARD="127.0.0.1:0",
+        )
+        if token is not None:
+            env["NURSERY_DOWN_TOKEN"] = token
+        if notify_socket is not None:
+            env["NOTIFY_SOCKET"] = notify_socket
+        self.given_token = token
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, str(PROGRAM)],
+                env=env,
+                cwd=directory,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
+        self.first = self.process.pid
+        self.exit_codes: dict[int, int] = {}
+        self.port = 0
+        self.url = ""
+        self.token = ""
+
+    def wait_up(self) -> None:
+        """Wait until the listener's port is known and the dashboard has its URL line."""
+        self.port = self.wait("the port file", self._read_port, watch=self.first)
+        match = self.wait(
+            "the dashboard's URL line", lambda: URL_LINE.search(self.log()), watch=self.first
+        )
+        self.url = match.group(1)
+        token = self.given_token if self.given_token is not None else match.group(3)
+        assert token, self.describe()
+        self.token = token
+
+    def _read_port(self) -> int | None:
+        try:
+            return int(self.port_file.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    # -- what it shows ----------------------------------------------------------------------
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def describe(self) -> str:
+        states = {pid: proc_state(pid) for pid in self.pids()}
+        return f"generations {states}; log:\n{self.log()[-6000:]}"
+
+    def started(self) -> list[int]:
+        """The pids of the new generations started so far, in order."""
+        return [int(pid) for pid in STARTED.findall(self.log())]
+
+    def pids(self) -> list[int]:
+        return [self.first, *self.started()]
+
+    def wait(
+        self,
+        what: str,
+        predicate: Callable[[], T | None],
+        *,
+        watch: int | None = None,
+        timeout: float = PATIENCE,
+    ) -> T:
+        """Poll until *predicate* gives something other than None or False; fail after
+        *timeout*, or at once if the process *watch* exits first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate()
+            if value is not None and value is not False:
+                return value
+            if watch is not None and not running(watch):
+                raise AssertionError(f"pid {watch} exited waiting for {what}; {self.describe()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {what} within {timeout} s; {self.describe()}")
+            time.sleep(0.01)  # polling processes: there is nothing else to wait on
+
+    def wait_log(self, text: str, *, watch: int | None = None) -> None:
+        self.wait(repr(text), lambda: text in self.log(), watch=watch)
+
+    def wait_started(self, count: int) -> int:
+        """The pid of the *count*-th new generation, once the old one logged its start."""
+
+        def nth() -> int | None:
+            started = self.started()
+            return started[count - 1] if len(started) >= count else None
+
+        return self.wait(f"new generation #{count}", nth)
+
+    def exit_code(self, pid: int) -> int:
+        """Wait until generation *pid* exited, reap it, return its exit code."""
+        if pid not in self.exit_codes:
+            reap = self.process.poll if pid == self.first else lambda: self._reap(pid)
+            self.exit_codes[pid] = self.wait(f"pid {pid} to exit", reap)
+        return self.exit_codes[pid]
+
+    @staticmethod
+    def _reap(pid: int) -> int | None:
+        try:
+            reaped, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return None  # not ours yet: its parent still runs
+        return os.waitstatus_to_exitcode(status) if reaped == pid else None
+
+    # -- what the test does to it -----------------------------------------------------------
+
+    def set_generation(self, label: str) -> None:
+        self.generation_file.write_text(label)
+
+    def set_mode(self, mode: str) -> None:
+        self.mode_file.write_text(mode)
+
+    def signal(self, pid: int, signum: signal.Signals) -> None:
+        assert running(pid), f"pid {pid} is gone before {signum.name}; {self.describe()}"
+        os.kill(pid, signum)
+
+    def request(self, method: str, path: str, token: str | None = None) -> tuple[int, Any]:
+        """One JSON request to the dashboard (with our token by default): (status, body)."""
+        port = int(self.url.rsplit(":", 1)[1])
+        headers = {"Accept": "application/json"}
+        body = b""
+        if method == "POST":
+            headers["Content-Type"] = "application/json"
+            body = b"{}"
+        with socket.create_connection(("127.0.0.1", port), timeout=PATIENCE) as sock:
+            sock.sendall(
+                request_bytes(
+                    port, method, path, token=token or self.token, headers=headers, body=body
+                )
+            )
+            status, _, data = read_response(sock)
+        return status, json.loads(data) if data else None
+
+    def upgrade_by_api(self) -> tuple[int, Any]:
+        return self.request("POST", "/api/upgrade")
+
+    def upgrade_by_cli(self) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "nursery_down", "upgrade"]
+        return subprocess.run(
+            [*command, "--url", self.url, "--token", self.token],
+            env=self.client_env,
+            capture_output=True,
+            text=True,
+            timeout=PATIENCE,
+            check=False,
+        )
+
+    def snapshot_pid(self) -> int:
+        status, body = self.request("GET", "/api/snapshot")
+        assert status == 200, body
+        pid: int = body["pid"]
+        return pid
+
+    def terminate(self, pid: int) -> None:
+        """SIGTERM to generation *pid*: it must drain and exit 0."""
+        self.signal(pid, signal.SIGTERM)
+        assert self.exit_code(pid) == 0, self.describe()
+        assert "Traceback" not in self.log(), self.describe()
+
+    def kill_all(self) -> None:
+        """At the end of a test: SIGKILL every generation still running, reap them all."""
+        pids = [pid for pid in self.pids() if pid not in self.exit_codes]
+        for pid in pids:
+            if running(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        self.process.wait(PATIENCE)
+        left = set(pids) - {self.first}
+        deadline = time.monotonic() + PATIENCE
+        while left and time.monotonic() < deadline:
+            for pid in list(left):
+                if self._reap(pid) is not None or proc_state(pid) is None:
+                    left.discard(pid)  # reaped by us, or by its own parent
+            time.sleep(0.01)
+
+
+@pytest.fixture
+def launch(tmp_path: Path, subreaper: None) -> Iterator[Callable[..., App]]:
+    """Start the program (keyword arguments go to App) and wait until it is up; kill
+    every generation still running at the end of the test."""
+    apps: list[App] = []
+
+    def start(**options: Any) -> App:
+        app = App(tmp_path / f"app-{len(apps)}", **options)
+        apps.append(app)
+        app.wait_up()
+        return app
+
+    try:
+        yield start
+    finally:
+        for app in apps:
+            app.kill_all()
+
+
+# -- clients -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Answer:
+    began: float
+    ended: float
+    pid: int
+    generation: str
+
+
+class Client(threading.Thread):
+    """Connects to the listener one connection after another until stopped (bounded in
+    count and time), keeping every answer and every failure."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(name="upgrade test client", daemon=True)
+        self.port = port
+        self.answers: list[Answer] = []
+        self.failures: list[str] = []
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        deadline = time.monotonic() + CLIENT_LIMIT
+        for _ in range(MAX_CONNECTIONS):
+            if self.halt.is_set() or time.monotonic() > deadline:
+                return
+            began = time.monotonic()
+            try:
+                pid, generation = ask(self.port)
+            except Exception as exc:  # any failure at all is a finding
+                self.failures.append(f"at {began:.3f}: {type(exc).__name__}: {exc}")
+            else:
+                self.answers.append(Answer(began, time.monotonic(), pid, generation))
+            self.halt.wait(PACE)  # pacing the load, not waiting for anything
+
+    def count(self, *, pid: int | None = None, generation: str | None = None) -> int:
+        return sum(
+            1
+            for answer in list(self.answers)
+            if pid in (None, answer.pid) and generation in (None, answer.generation)
+        )
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.join(PATIENCE)
+        assert not self.is_alive(), "the client thread did not stop"
+
+
+@contextlib.contextmanager
+def client_of(app: App) -> Iterator[Client]:
+    client = Client(app.port)
+    client.start()
+    try:
+        yield client
+    finally:
+        client.stop()
+
+
+def more_answers(app: App, client: Client, pid: int) -> None:
+    """Wait until *client* got SOME more answers from *pid* than it has now."""
+    target = client.count(pid=pid) + SOME
+    app.wait(f"{SOME} more answers from pid {pid}", lambda: client.count(pid=pid) >= target)
+
+
+# -- the tests -------------------------------------------------------------------------------
+
+
+def test_three_upgrades_under_load_answer_every_connection(launch: Callable[..., App]) -> None:
+    app = launch()
+    generation_of = {app.first: "1"}
+    assert ask(app.port) == (app.first, "1")
+    # Per upgrade: (when it was asked for, when the old generation was seen gone).
+    upgrades: list[tuple[float, float]] = []
+    with client_of(app) as client:
+        more_answers(app, client, app.first)
+
+        # 1: SIGUSR2.
+        old = app.first
+        app.set_generation("2")
+        asked = time.monotonic()
+        app.signal(old, signal.SIGUSR2)
+        new = app.wait_started(1)
+        app.wait_log(ready_line(new), watch=new)
+        assert app.exit_code(old) == 0, app.describe()
+        # A new upgrade is refused until the new generation has seen the old one gone.
+        app.wait_log(exited_line(old), watch=new)
+        upgrades.append((asked, time.monotonic()))
+        generation_of[new] = "2"
+        more_answers(app, client, new)
+
+        # 2: POST /api/upgrade; it answers once the new generation is ready.
+        old = new
+        app.set_generation("3")
+        asked = time.monotonic()
+        status, body = app.upgrade_by_api()
+        assert status == 202, body
+        assert body["pid"] == old, body
+        new = body["upgraded_to"]
+        assert app.started() == [*list(generation_of)[1:], new], app.describe()
+        assert app.exit_code(old) == 0, app.describe()
+        app.wait_log(exited_line(old), watch=new)
+        upgrades.append((asked, time.monotonic()))
+        generation_of[new] = "3"
+        more_answers(app, client, new)
+
+        # 3: nursery-down upgrade.
+        old = new
+        app.set_generation("4")
+        asked = time.monotonic()
+        result = app.upgrade_by_cli()
+        assert result.returncode == 0, result
+        said = CLI_UPGRADED.search(result.stderr)
+        assert said is not None, result
+        new = int(said.group(1))
+        assert int(said.group(2)) == old, result
+        assert app.exit_code(old) == 0, app.describe()
+        app.wait_log(exited_line(old), watch=new)
+        upgrades.append((asked, time.monotonic()))
+        generation_of[new] = "4"
+        more_answers(app, client, new)
+
+    answers = list(client.answers)
+    assert not client.failures, f"{len(client.failures)} failed: {client.failures[:10]}"
+    assert app.started() == list(generation_of)[1:], app.describe()
+    # Every answer came from a generation we started, labelled as it was started.
+    strangers = [answer for answer in answers if generation_of.get(answer.pid) != answer.generation]
+    assert not strangers, strangers[:10]
+    # From generation 1 to 2 to 3 to 4: none answers before its upgrade was asked for,
+    # none after the one that replaced it was seen gone.
+    for number, (asked, gone) in enumerate(upgrades, start=1):
+        too_early = [a for a in answers if a.ended < asked and int(a.generation) > number]
+        too_late = [a for a in answers if a.began > gone and int(a.generation) <= number]
+        assert not too_early, f"upgrade {number}: {too_early[:10]}"
+        assert not too_late, f"upgrade {number}: {too_late[:10]}"
+    assert answers[0].generation == "1"
+    assert answers[-1].generation == "4"
+    # The last generation is the main process now; SIGTERM ends it like any other.
+    assert app.snapshot_pid() == new
+    assert ask(app.port) == (new, "4")
+    app.terminate(new)
+    assert {pid: app.exit_code(pid) for pid in generation_of} == dict.fromkeys(generation_of, 0)
+    assert " ERROR " not in app.log(), app.describe()
+
+
+def test_a_new_generation_that_crashes_leaves_the_old_one_serving(
+    launch: Callable[..., App],
+) -> None:
+    app = launch()
+    old = app.first
+    with client_of(app) as client:
+        more_answers(app, client, old)
+        app.set_mode("crash")
+        app.set_generation("2")
+
+        result = app.upgrade_by_cli()
+        assert result.returncode == 2, result
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1, result
+        assert "upgrade failed" in lines[0], result
+        assert "exited with code 3 before it was ready" in lines[0], result
+        assert result.stdout == "", result
+        (crashed,) = app.started()
+        assert f"(pid {crashed})" in lines[0], result
+        more_answers(app, client, old)
+
+        status, body = app.upgrade_by_api()
+        assert status == 502, body
+        assert body["error"].startswith(failed_line(app.started()[1])), body
+        assert "exited with code 3 before it was ready" in body["error"], body
+        assert "keeps serving" in body["error"], body
+        more_answers(app, client, old)
+
+    assert not client.failures, f"{len(client.failures)} failed: {client.failures[:10]}"
+    assert {answer.pid for answer in client.answers} == {old}
+    log = app.log()
+    assert log.count("generation 2: crashing before ready") == 2, app.describe()
+    for child in app.started():
+        assert failed_line(child) in log, app.describe()
+        assert proc_state(child) is None, f"pid {child} was not reaped; {app.describe()}"
+    assert children_of(old) == [], app.describe()
+
+    # Fixed, the same upgrade succeeds.
+    app.set_mode("ok")
+    status, body = app.upgrade_by_api()
+    assert status == 202, body
+    new = body["upgraded_to"]
+    assert app.exit_code(old) == 0, app.describe()
+    assert ask(app.port) == (new, "2")
+    app.terminate(new)
+
+
+def test_a_new_generation_that_hangs_is_killed_after_the_timeout(
+    launch: Callable[..., App],
+) -> None:
+    app = launch(timeout=2)
+    old = app.first
+    with client_of(app) as client:
+        more_answers(app, client, old)
+        app.set_mode("hang")
+        asked = time.monotonic()
+        status, body = app.upgrade_by_api()
+        took = time.monotonic() - asked
+        assert status == 502, body
+        (hung,) = app.started()
+        assert body["error"].startswith(failed_line(hung)), body
+        assert "was not ready within 2 s and was killed" in body["error"], body
+        assert took >= 2.0, f"answered {took:.2f} s after the request"
+        more_answers(app, client, old)
+
+    assert not client.failures, f"{len(client.failures)} failed: {client.failures[:10]}"
+    assert {answer.pid for answer in client.answers} == {old}
+    # Killed and reaped by the old one: no zombie, no child left.
+    assert proc_state(hung) is None, f"pid {hung} is still there; {app.describe()}"
+    assert children_of(old) == [], app.describe()
+    app.terminate(old)
+
+
+def test_a_second_upgrade_while_one_is_pending_is_refused(launch: Callable[..., App]) -> None:
+    app = launch(timeout=8)
+    old = app.first
+    app.set_mode("hang")
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(app.upgrade_by_api)
+        pending = app.wait_started(1)
+
+        app.signal(old, signal.SIGUSR2)
+        app.wait_log(
+            f"signal SIGUSR2: an upgrade is already under way (new generation pid {pending})"
+        )
+
+        # While it starts, the pending generation serves the inherited dashboard socket
+        # too (see the report): a request may reach it, and it refuses (409) as well,
+        # because it is not running yet. Ask until the old one answered.
+        refusals: list[tuple[int, str]] = []
+
+        def refused_by_the_old_one() -> bool:
+            status, body = app.upgrade_by_api()
+            refusals.append((status, body.get("error", "")))
+            return "already under way" in refusals[-1][1]
+
+        app.wait("a refusal from the old generation", refused_by_the_old_one)
+        assert not first.done(), "the first upgrade ended before the second was refused"
+        assert running(pending), app.describe()
+        status, body = first.result(PATIENCE)
+
+    assert [status for status, _ in refusals] == [409] * len(refusals), refusals
+    assert refusals[-1][1] == f"an upgrade is already under way (new generation pid {pending})"
+    assert status == 502, body
+    assert "was not ready within 8 s and was killed" in body["error"], body
+    assert app.started() == [pending], "a refused upgrade started a generation"
+    assert proc_state(pending) is None, app.describe()
+
+    # Once the pending one failed, an upgrade may start again.
+    app.set_mode("ok")
+    app.set_generation("2")
+    status, body = app.upgrade_by_api()
+    assert status == 202, body
+    new = body["upgraded_to"]
+    assert app.exit_code(old) == 0, app.describe()
+    assert ask(app.port) == (new, "2")
+    app.terminate(new)
+
+
+def test_sigkill_of_the_new_generation_mid_handshake(launch: Callable[..., App]) -> None:
+    # A timeout far beyond PATIENCE: the failure must be seen by the child's death.
+    app = launch(timeout=600)
+    old = app.first
+    app.set_mode("hang")
+    with client_of(app) as client, ThreadPoolExecutor(1) as pool:
+        more_answers(app, client, old)
+        upgrade = pool.submit(app.upgrade_by_api)
+        child = app.wait_started(1)
+        # It took the sockets and is starting its services: mid-handshake.
+        app.wait_log("listener http: inherited", watch=child)
+        assert not upgrade.done()
+        app.signal(child, signal.SIGKILL)
+        status, body = upgrade.result(PATIENCE)
+        assert status == 502, body
+        assert body["error"].startswith(failed_line(child)), body
+        assert "was killed by SIGKILL before it was ready" in body["error"], body
+        assert "keeps serving" in body["error"], body
+        more_answers(app, client, old)
+
+    assert not client.failures, f"{len(client.failures)} failed: {client.failures[:10]}"
+    assert {answer.pid for answer in client.answers} == {old}
+    assert failed_line(child) in app.log(), app.describe()
+    assert proc_state(child) is None, app.describe()
+    assert children_of(old) == [], app.describe()
+    app.terminate(old)
+
+
+class NotifySocket(threading.Thread):
+    """A unix datagram socket standing in for systemd's: keeps every datagram with the
+    pid of its sender (SO_PASSCRED), read as they come (the kernel queues only ~10)."""
+
+    def __init__(self) -> None:
+        super().__init__(name="notify socket", daemon=True)
+        self.directory = tempfile.mkdtemp(prefix="nd-notify-")  # short: sun_path is 108
+        self.path = os.path.join(self.directory, "notify")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.bind(self.path)
+        self.sock.settimeout(0.05)
+        self.datagrams: list[tuple[int, list[str]]] = []
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        deadline = time.monotonic() + CLIENT_LIMIT
+        while not self.halt.is_set() and time.monotonic() < deadline:
+            try:
+                data, ancillary, _, _ = self.sock.recvmsg(65536, socket.CMSG_SPACE(12))
+            except TimeoutError:
+                continue
+            sender = 0
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                    sender = struct.unpack("3i", payload[:12])[0]
+            self.datagrams.append((sender, data.decode().split("\n")))
+
+    def find(self, sender: int, line: str) -> int | None:
+        """The index of the first datagram from *sender* with *line*, if any yet."""
+        for index, (pid, lines) in enumerate(list(self.datagrams)):
+            if pid == sender and line in lines:
+                return index
+        return None
+
+    def close(self) -> None:
+        self.halt.set()
+        self.join(PATIENCE)
+        self.sock.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def test_the_new_main_pid_is_announced_before_the_old_process_exits(
+    launch: Callable[..., App],
+) -> None:
+    notify = NotifySocket()
+    notify.start()
+    try:
+        app = launch(notify_socket=notify.path)
+        old = app.first
+        app.wait("READY=1 from the first generation", lambda: notify.find(old, "READY=1"))
+        app.set_generation("2")
+        app.signal(old, signal.SIGUSR2)
+        new = app.wait_started(1)
+        # Its last datagram went out before it exited: wait for it, then reap.
+        last = app.wait(
+            "the old generation's last status",
+            lambda: notify.find(old, "STATUS=stopped: exit code 0"),
+        )
+        assert app.exit_code(old) == 0, app.describe()
+        app.wait_log(exited_line(old), watch=new)
+        assert ask(app.port) == (new, "2")
+        app.terminate(new)
+        app.wait("STOPPING=1 from the new generation", lambda: notify.find(new, "STOPPING=1"))
+    finally:
+        notify.close()
+
+    datagrams = notify.datagrams
+    shown = "\n".join(f"{pid}: {lines}" for pid, lines in datagrams)
+    announced = [i for i, (_, lines) in enumerate(datagrams) if f"MAINPID={new}" in lines]
+    assert len(announced) == 1, shown
+    (at,) = announced
+    sender, lines = datagrams[at]
+    # Sent by the old process, so before it exited, and before its last status.
+    assert sender == old, shown
+    assert at < last, shown
+    assert lines.index(f"MAINPID={new}") < lines.index("READY=1"), shown
+    # STOPPING=1 from the old one only after the new main pid was announced: sent
+    # before, it would make systemd stop the unit (and kill the new generation).
+    stopping = [
+        i for i, (pid, lines) in enumerate(datagrams) if pid == old and "STOPPING=1" in lines
+    ]
+    assert stopping, shown
+    assert min(stopping) > at, shown
+    assert not [
+        lines
+        for _, lines in datagrams
+        if any(x.startswith("MAINPID=") for x in lines) and f"MAINPID={new}" not in lines
+    ], shown
+    assert "cannot notify" not in app.log(), app.describe()
+
+
+def test_the_dashboard_follows_with_the_same_url_and_token(launch: Callable[..., App]) -> None:
+    app = launch(token=None)  # the first generation makes up a token and prints it
+    old = app.first
+    url, token = app.url, app.token
+    assert f"nursery_down dashboard: {url}/?token={token}" in app.log()
+    assert app.snapshot_pid() == old
+    app.set_generation("2")
+    app.signal(old, signal.SIGUSR2)
+    new = app.wait_started(1)
+    assert app.exit_code(old) == 0, app.describe()
+    app.wait_log(exited_line(old), watch=new)
+
+    # The new generation inherited the socket and was handed the token: the same
+    # address, shown without a token (it made none up).
+    shown = [match.group(0) for match in URL_LINE.finditer(app.log())]
+    assert shown == [
+        f"nursery_down dashboard: {url}/?token={token}",
+        f"nursery_down dashboard: {url}/",
+    ]
+    assert (app.url, app.token) == (url, token)
+    assert app.snapshot_pid() == new
+    status, _ = app.request("GET", "/api/snapshot", token="not-the-token")
+    assert status == 401
+    assert ask(app.port) == (new, "2")
+    app.terminate(new)
+
+
+# -- found by these tests, now fixed -------------------------------------------------------
+
+
+def test_duplicating_a_listener_leaves_the_shared_socket_non_blocking() -> None:
+    sock = nd.listener("upgrade-test-dup", ("127.0.0.1", 0))
+    # The other generation's copy of the same description, made non-blocking by its trio.
+    theirs = socket.socket(fileno=os.dup(sock.fileno()))
+    theirs.setblocking(False)
+    try:
+        ours = sock.dup()  # trio.socket.from_stdlib_socket(sock.dup()), as documented
+        ours.close()
+        assert not os.get_blocking(theirs.fileno()), "the other generation's accept() blocks"
+    finally:
+        theirs.close()
+        sock.close()
+
+
+def test_while_an_upgrade_is_pending_only_the_old_generation_answers_the_dashboard(
+    launch: Callable[..., App],
+) -> None:
+    app = launch()
+    old = app.first
+    app.set_mode("hang")
+    app.signal(old, signal.SIGUSR2)
+    pending = app.wait_started(1)
+    # Its services start after its dashboard would have: whatever it serves, it serves now.
+    app.wait_log("listener http: inherited", watch=pending)
+    answered_by = []
+    for _ in range(200):
+        answered_by.append(app.snapshot_pid())
+        if answered_by[-1] != old:
+            break
+    app.signal(pending, signal.SIGKILL)
+    app.wait_log(failed_line(pending), watch=old)
+    app.terminate(old)
+    assert set(answered_by) == {old}, f"answered by {answered_by}; pending: {pending}"
