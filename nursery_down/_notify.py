@@ -40,6 +40,20 @@ logger = logging.getLogger("nursery_down")
 STATUS_INTERVAL = 1.0
 
 
+#: Set once an upgrade named a new main process: this one then tells systemd nothing
+#: more (with NotifyAccess=all, its STOPPING=1 would stop the unit).
+_handed_over = False
+
+
+def hand_over(address: str, pid: int) -> None:
+    """Tell the service manager at *address* that *pid* is the main process now, and
+    fall silent: every later message of this process is dropped."""
+    global _handed_over  # one per process, like $NOTIFY_SOCKET
+    with Notifier(address) as notifier:
+        notifier.send(f"MAINPID={pid}", "READY=1")
+    _handed_over = True
+
+
 class Notifier(ClosesOnExit):
     """Sends notify messages to one socket address; never blocks, never raises.
 
@@ -63,7 +77,7 @@ class Notifier(ClosesOnExit):
 
     def send(self, *lines: str) -> bool:
         """Send *lines* as one datagram; True if the socket took it."""
-        if self._socket is None or not lines:
+        if self._socket is None or not lines or _handed_over:
             return False
         try:
             self._socket.sendto("\n".join(lines).encode(), self._target)

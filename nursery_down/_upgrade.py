@@ -36,7 +36,7 @@ from ._listeners import (
     encode_listeners,
     listener_descriptors,
 )
-from ._notify import Notifier
+from ._notify import hand_over
 from ._supervisor import Supervisor
 from ._validate import require_seconds
 
@@ -330,8 +330,7 @@ def _announce_main_pid(pid: int) -> None:
     address = os.environ.get("NOTIFY_SOCKET", "")
     if not address:
         return
-    with Notifier(address) as notifier:
-        notifier.send(f"MAINPID={pid}", "READY=1")
+    hand_over(address, pid)
 
 
 async def _kill_and_reap(process: trio.Process, *, wait: float = 0.0) -> None:

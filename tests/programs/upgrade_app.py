@@ -53,10 +53,7 @@ async def http(ctx: nd.ServiceContext) -> None:
         raise SystemExit(3)
     if MODE == "hang":
         await trio.sleep_forever()
-    # Non-blocking first: socket.dup() copies the timeout, and the default one (None)
-    # clears O_NONBLOCK on the open file description, which the generations share: the
-    # other generation's trio would then block in accept(), its whole loop with it.
-    sock.setblocking(False)
+    # As documented: a duplicate of the (non-blocking) socket for trio.serve_listeners.
     listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(sock.dup()))]
 
     async def reply(stream: trio.SocketStream) -> None:
