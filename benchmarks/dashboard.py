@@ -44,11 +44,11 @@ import nursery_down as nd
 if TYPE_CHECKING:
     # mypy knows the source folder as "dashboard"; it is installed as nursery_down.dashboard.
     from dashboard import serve_dashboard
-    from dashboard._address import open_listening_socket, resolve_address
+    from dashboard._address import resolve_address
     from dashboard._serve import _config, shield_sends
 else:
     from nursery_down.dashboard import serve_dashboard
-    from nursery_down.dashboard._address import open_listening_socket, resolve_address
+    from nursery_down.dashboard._address import resolve_address
     from nursery_down.dashboard._serve import _config, shield_sends
 
 TOKEN = "benchmark-token-1b7e"
@@ -105,7 +105,8 @@ async def serve_bare(
     async def bare_json() -> dict[str, bool]:
         return {"ok": True}
 
-    sock = open_listening_socket(await resolve_address("127.0.0.1:0"))
+    where = await resolve_address("127.0.0.1:0")
+    sock = nd.listener("bare-quart-trio", (where.ip, where.port))
     port = int(sock.getsockname()[1])
     config = _config(f"fd://{sock.detach()}")
     async with trio.open_nursery() as nursery:

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from nursery_down.testing import check_history, read_history
+from nursery_down.testing._harness import process_running
 
 ROOT = Path(__file__).resolve().parent.parent
 HTTP_EXAMPLE = ROOT / "examples" / "http_service.py"
@@ -53,14 +54,6 @@ def wait_for(condition: object, what: str, timeout: float = 30.0) -> None:
         if time.monotonic() > deadline:
             raise SystemExit(f"benchmark stalled waiting for {what}")
         time.sleep(0.01)
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            return "\nState:\tZ" not in status.read()
-    except OSError:
-        return False
 
 
 class Program:
@@ -95,19 +88,19 @@ class Program:
         os.kill(self.pid, signal.SIGUSR2)
         wait_for(lambda: len(HANDED_OVER.findall(self.text())) > before, "the hand-over")
         old, self.pid = self.pid, int(HANDED_OVER.findall(self.text())[-1])
-        wait_for(lambda: not alive(old), "the old generation to exit")
+        wait_for(lambda: not process_running(old), "the old generation to exit")
 
     def restart(self, ready: str) -> None:
         before = self.text().count(ready)
         os.kill(self.pid, signal.SIGTERM)
-        wait_for(lambda: not alive(self.pid), "the old process to exit")
+        wait_for(lambda: not process_running(self.pid), "the old process to exit")
         self.pid = self.start()
         wait_for(lambda: self.text().count(ready) > before, "the new process")
 
     def stop(self) -> None:
-        if alive(self.pid):
+        if process_running(self.pid):
             os.kill(self.pid, signal.SIGTERM)
-            wait_for(lambda: not alive(self.pid), "the last process to exit", 60)
+            wait_for(lambda: not process_running(self.pid), "the last process to exit", 60)
         for process in self.processes:
             process.wait(30)
 

@@ -1,8 +1,7 @@
-"""Where the dashboard listens: parsing ``HOST:PORT`` and opening the listening socket."""
+"""Where the dashboard listens: parsing and resolving ``HOST:PORT``."""
 
 from __future__ import annotations
 
-import errno
 import ipaddress
 import socket
 from dataclasses import dataclass
@@ -73,40 +72,6 @@ async def resolve_address(address: str) -> Address:
             ) from None
         ip = str(infos[0][4][0])
     return Address(host=host, ip=ip, port=port)
-
-
-def open_listening_socket(address: Address, *, backlog: int = 128) -> socket.socket:
-    """A bound, listening TCP socket for *address*; ConfigurationError if the port is taken."""
-    family = socket.AF_INET6 if ":" in address.ip else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        user_timeout = getattr(socket, "TCP_USER_TIMEOUT", None)
-        if user_timeout is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, user_timeout, USER_TIMEOUT_MS)
-        sock.bind((address.ip, address.port))
-        sock.listen(backlog)
-    except OSError as exc:
-        sock.close()
-        raise bind_error(address, exc) from None
-    sock.setblocking(False)
-    return sock
-
-
-def bind_error(address: Address, exc: OSError) -> ConfigurationError:
-    """One clear message for a socket that could not be bound."""
-    where = f"{format_host(address.ip)}:{address.port}"
-    if exc.errno == errno.EADDRINUSE:
-        return ConfigurationError(
-            f"cannot serve the dashboard on {where}: the port is already in use; "
-            "stop the other program, choose another port, or use port 0 for any free one"
-        )
-    if exc.errno == errno.EADDRNOTAVAIL:
-        return ConfigurationError(
-            f"cannot serve the dashboard on {where}: this machine has no such address; "
-            "use 127.0.0.1 or one of its own addresses"
-        )
-    return ConfigurationError(f"cannot serve the dashboard on {where}: {exc.strerror or exc}")
 
 
 def format_host(host: str) -> str:

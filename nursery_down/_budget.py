@@ -23,7 +23,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ._validate import require_seconds
-from ._validate import seconds_from_environ as seconds_from_environ
 
 #: Seconds allowed for each service to stop once its jobs are over; see the module doc.
 STOP_MARGIN_PER_SERVICE = 1.0

@@ -123,11 +123,6 @@ def listener(
     return _registry.listener(name, address, backlog=backlog, options=options)
 
 
-def inherited_names() -> list[str]:
-    """The names of the sockets passed to this process and not claimed yet."""
-    return sorted(_registry.inherited())
-
-
 def close_unclaimed_listeners() -> list[str]:
     """Close the inherited sockets no :func:`listener` call claimed; return their names."""
     return _registry.close_unclaimed()

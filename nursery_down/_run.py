@@ -14,13 +14,13 @@ from typing import Any
 
 import trio
 
-from ._budget import check_seconds, grace_budget, seconds_from_environ
+from ._budget import check_seconds, grace_budget
 from ._exceptions import ConfigurationError, NurseryDownError
 from ._notify import serve_notify
 from ._signals import HupAction, holding_signals, serve_signals
 from ._supervisor import EXIT_FAILED, EXIT_USAGE, Supervisor
 from ._upgrade import DEFAULT_TIMEOUT, Upgrader, remove_pid_file, write_pid_file
-from ._validate import require_seconds
+from ._validate import require_seconds, seconds_from_environ
 
 logger = logging.getLogger("nursery_down")
 
@@ -135,18 +135,22 @@ async def _running(
         if dashboard is not None and upgrader is not None and dashboard_last:
             upgrader.hold_ready_until(dashboard_up)
         async with trio.open_nursery() as inner:
-            if dashboard is not None and not dashboard_last:
-                # Before the services: /readyz answers 503 while they start, and a bad
-                # or taken address fails before any service ran.
-                info = await _start_dashboard(inner, supervisor, dashboard)
-                if upgrader is not None:
-                    upgrader.dashboard_token = info.token
-            await inner.start(supervisor.serve)
-            if dashboard is not None and dashboard_last:
+
+            async def start_dashboard() -> None:
+                if dashboard is None:
+                    return
                 info = await _start_dashboard(inner, supervisor, dashboard)
                 if upgrader is not None:
                     upgrader.dashboard_token = info.token
                 dashboard_up.set()
+
+            if not dashboard_last:
+                # Before the services: /readyz answers 503 while they start, and a bad
+                # or taken address fails before any service ran.
+                await start_dashboard()
+            await inner.start(supervisor.serve)
+            if dashboard_last:
+                await start_dashboard()
             try:
                 yield supervisor
             except BaseException:

@@ -25,9 +25,9 @@ from nursery_down._budget import (
     STOP_MARGIN_PER_SERVICE,
     check_seconds,
     grace_budget,
-    seconds_from_environ,
 )
 from nursery_down._signals import dispatch_signal
+from nursery_down._validate import seconds_from_environ
 from tests.dashboard_helpers import serve_dashboard
 
 TOKEN = "budget-test-token-31c8"

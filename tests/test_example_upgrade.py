@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from nursery_down.testing._harness import process_running
 from tests.polling import wait_for_line
 from tests.test_example_restart import (
     GRACE,
@@ -35,18 +36,9 @@ pytestmark = pytest.mark.subprocess
 HANDED_OVER = re.compile(r"upgrade: the new generation \(pid (\d+)\) is ready; draining this one")
 
 
-def gone(pid: int) -> bool:
-    """True once *pid* has exited (a zombie nobody reaps counts: it runs no code)."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return True
-    return "\nState:\tZ" in status
-
-
 def wait_gone(pid: int, worker: Worker) -> None:
     deadline = time.monotonic() + GRACE + PATIENCE
-    while not gone(pid):
+    while process_running(pid):
         if time.monotonic() > deadline:
             raise AssertionError(f"pid {pid} still runs: {worker.describe()}")
         time.sleep(0.02)
@@ -56,7 +48,7 @@ def wait_while_running(pid: int, worker: Worker, what: str, condition: Callable[
     """Poll until *condition* holds; fail if generation *pid* exits first or it stalls."""
     deadline = time.monotonic() + PATIENCE
     while not condition():
-        if gone(pid):
+        if not process_running(pid):
             raise AssertionError(f"pid {pid} exited while waiting for {what}: {worker.describe()}")
         if time.monotonic() > deadline:
             raise AssertionError(f"no {what} within {PATIENCE} s: {worker.describe()}")
@@ -101,7 +93,7 @@ def test_two_upgrades_under_load_lose_and_repeat_no_job(tmp_path: Path) -> None:
         wait_gone(newest, worker)
     finally:
         for pid in (newest, worker.process.pid):
-            if not gone(pid):
+            if process_running(pid):
                 os.kill(pid, signal.SIGKILL)
         worker.stop()
     output = worker.output()

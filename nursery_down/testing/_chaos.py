@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from ._harness import ChaosHarness, Target, TargetError
+from ._harness import ChaosHarness, Target, TargetError, process_running
 from ._history import CheckReport, job_order
 
 #: What ``--signal`` accepts: a signal, or TERM then another TERM during the drain.
@@ -399,7 +399,7 @@ def _follow_upgrade(
         harness.recorder.record_signal(successor, "SIGTERM")
         os.kill(successor, signal.SIGTERM)
         deadline = time.monotonic() + options.exit_within
-        while _alive(successor):
+        while process_running(successor):
             if time.monotonic() > deadline:
                 result.problems.append(
                     f"pid {successor} (the new generation) still ran "
@@ -410,20 +410,11 @@ def _follow_upgrade(
     except ProcessLookupError:
         result.problems.append(f"the new generation (pid {successor}) died before SIGTERM")
     finally:
-        if _alive(successor):
+        if process_running(successor):
             os.kill(successor, signal.SIGKILL)
     stopped = target.output().count("stopped, exit code 0")
     if stopped < 2:
         result.problems.append(f"the new generation (pid {successor}) did not exit 0")
-
-
-def _alive(pid: int) -> bool:
-    """True while *pid* runs (a zombie that nobody reaps runs no code: not alive)."""
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            return "\nState:\tZ" not in status.read()
-    except OSError:
-        return False
 
 
 def _start(harness: ChaosHarness, options: _Options, result: RunResult) -> Target | None:

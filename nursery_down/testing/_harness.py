@@ -62,6 +62,19 @@ def signal_of(name: str | int | signal.Signals) -> signal.Signals:
         ) from None
 
 
+def process_running(pid: int) -> bool:
+    """True while *pid* runs. A zombie nobody reaps runs no code: not running.
+
+    For processes the harness did not start itself, such as the new generation an
+    upgrade starts (Linux: reads ``/proc``).
+    """
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return "\nState:\tZ" not in status.read()
+    except OSError:
+        return False
+
+
 class Target:
     """One run of a target program, started by :meth:`ChaosHarness.start`.
 
