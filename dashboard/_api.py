@@ -16,6 +16,7 @@ from quart.typing import ResponseReturnValue
 from nursery_down import (
     ConfigurationError,
     InvalidTransitionError,
+    ServiceState,
     UnknownServiceError,
     UpgradeError,
 )
@@ -28,9 +29,17 @@ from ._streams import live_snapshot
 from ._view import JOBS_SHOWN
 
 #: Runs one action on behalf of *actor* (``"browser 127.0.0.1"``); may raise BodyError.
-Action = Callable[[dict[str, Any], str], Awaitable[None]]
+#: Returns what came of it when that is worth saying (``"outcome"`` in the answer).
+Action = Callable[[dict[str, Any], str], Awaitable[str | None]]
+
+#: A deadline counts as moved when it moved by more than this (seconds): two snapshots
+#: convert the same deadline to wall-clock time a few microseconds apart.
+MOVED = 0.01
 
 SERVICE_ACTIONS = ("drain", "start", "restart", "escalate")
+
+#: Digits accepted in ``?max_jobs=`` (no service holds a billion jobs).
+MAX_JOBS_DIGITS = 9
 
 
 def register_api(app: Quart) -> None:
@@ -43,11 +52,15 @@ def register_api(app: Quart) -> None:
         text = request.args.get("max_jobs", str(JOBS_SHOWN))
         if text == "all":
             max_jobs = None
-        elif text.isdigit():
+        elif text.isascii() and text.isdigit() and len(text) <= MAX_JOBS_DIGITS:
             max_jobs = int(text)
         else:
+            shown = text if len(text) <= MAX_JOBS_DIGITS else f"{text[:MAX_JOBS_DIGITS]}..."
             return await error_response(
-                request, 400, f"max_jobs must be a whole number or 'all', got {text!r}"
+                request,
+                400,
+                f"max_jobs must be a whole number (at most {MAX_JOBS_DIGITS} digits) or "
+                f"'all', got {shown!r}",
             )
         return json_response(supervisor.snapshot(max_jobs=max_jobs))
 
@@ -64,9 +77,11 @@ def register_api(app: Quart) -> None:
 
     @app.post("/api/drain")
     async def drain_app() -> ResponseReturnValue:
-        async def run(fields: dict[str, Any], actor: str) -> None:
+        async def run(fields: dict[str, Any], actor: str) -> str | None:
             grace = seconds_field(fields, "grace")
+            before = supervisor.snapshot(max_jobs=0)
             await supervisor.drain(grace=grace, actor=actor)
+            return drain_outcome(before, supervisor.snapshot(max_jobs=0))
 
         return await perform("drain", None, run, '{"grace": 10}')
 
@@ -74,6 +89,7 @@ def register_api(app: Quart) -> None:
     async def restart_app() -> ResponseReturnValue:
         async def run(fields: dict[str, Any], actor: str) -> None:
             await supervisor.restart(actor=actor)
+            return None
 
         return await perform("restart", None, run, "{}")
 
@@ -81,6 +97,7 @@ def register_api(app: Quart) -> None:
     async def escalate_app() -> ResponseReturnValue:
         async def run(fields: dict[str, Any], actor: str) -> None:
             await supervisor.escalate(actor=actor)
+            return None
 
         return await perform("escalate", None, run, "{}")
 
@@ -91,6 +108,7 @@ def register_api(app: Quart) -> None:
         async def run(fields: dict[str, Any], actor: str) -> None:
             # Answers once the new generation is ready (this one then drains) or failed.
             new_pid["upgraded_to"] = await supervisor.upgrade(actor=actor)
+            return None
 
         return await perform("upgrade", None, run, "{}", extra=new_pid)
 
@@ -104,21 +122,33 @@ def register_api(app: Quart) -> None:
             assert seconds is not None
             service = text_field(fields, "service")
             await supervisor.extend_grace(seconds, service, actor=actor)
+            return None
 
         return await perform("extend_grace", lambda: service, run, '{"seconds": 30}')
 
     @app.post(f"/api/services/<name>/<any({', '.join(SERVICE_ACTIONS)}):action>")
     async def service_action(name: str, action: str) -> ResponseReturnValue:
-        async def run(fields: dict[str, Any], actor: str) -> None:
+        async def run(fields: dict[str, Any], actor: str) -> str | None:
+            if action in ("drain", "escalate"):
+                state = supervisor.state_of(name)
+                if state in (ServiceState.STOPPED, ServiceState.FAILED):
+                    # The Python API takes this as a no-op; an operator is told.
+                    again = "start it" if state is ServiceState.STOPPED else "start it again"
+                    raise InvalidTransitionError(
+                        f"nothing to {action}: service {name!r} is {state.value}; {again} first"
+                    )
             if action == "drain":
                 grace = seconds_field(fields, "grace")
+                before = supervisor.snapshot(max_jobs=0)
                 await supervisor.drain(name, grace=grace, actor=actor)
-            elif action == "start":
+                return drain_outcome(before, supervisor.snapshot(max_jobs=0), name)
+            if action == "start":
                 await supervisor.start(name, actor=actor)
             elif action == "restart":
                 await supervisor.restart(name, actor=actor)
             else:
                 await supervisor.escalate(name, actor=actor)
+            return None
 
         example = '{"grace": 10}' if action == "drain" else "{}"
         return await perform(action, name, run, example)
@@ -133,9 +163,10 @@ def register_api(app: Quart) -> None:
     ) -> ResponseReturnValue:
         who = f"{g.credential} {remote_address(request)}"
         status = 202
+        outcome = None
         try:
             fields = await read_fields(request, example)
-            await run(fields, who)
+            outcome = await run(fields, who)
         except UnknownServiceError as exc:
             status, message = 404, str(exc)
         except InvalidTransitionError as exc:
@@ -151,4 +182,34 @@ def register_api(app: Quart) -> None:
             return await error_response(request, status, message)
         if from_plain_form(request):
             return redirect("/", 303)
-        return json_response({**live_snapshot(supervisor), **(extra or {})}, 202)
+        answer = {**live_snapshot(supervisor), **(extra or {})}
+        if outcome is not None:
+            answer["outcome"] = outcome
+        return json_response(answer, 202)
+
+
+def drain_outcome(before: dict[str, Any], after: dict[str, Any], service: str | None = None) -> str:
+    """What a drain did, from the snapshots taken just before and after it.
+
+    A drain of something already draining tightens its deadline when the grace asked
+    for ends earlier, and never moves it later: the answer says which happened.
+    """
+    if service is None:
+        was, now = before, after
+        what = "the whole app"
+    else:
+        was = next(s for s in before["services"] if s["name"] == service)
+        now = next(s for s in after["services"] if s["name"] == service)
+        what = f"service {service}"
+    if was["state"] != "draining":
+        return f"{what}: the drain began"
+    old, new = was["grace_deadline"], now["grace_deadline"]
+    if old is not None and new is not None and old - new > MOVED:
+        return (
+            f"{what} was already draining: the grace asked for ends sooner, so the "
+            f"deadline moved {old - new:.1f} s earlier"
+        )
+    return (
+        f"{what} was already draining: the deadline stays, as a drain never moves it "
+        "later (extend-grace does)"
+    )

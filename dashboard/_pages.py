@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 from quart import Quart, redirect, render_template, request
 from quart.typing import ResponseReturnValue
 from werkzeug.wrappers import Response as WerkzeugResponse
@@ -12,8 +14,18 @@ from ._streams import live_snapshot
 from ._view import page_context
 
 
+def path_segment(name: str) -> str:
+    """*name* percent-encoded as one segment of a URL path (``/`` and ``#`` included).
+
+    Service names are restricted at registration to characters that need no encoding;
+    the page encodes them anyway, so that no name can ever address another route.
+    """
+    return quote(name, safe="")
+
+
 def register_pages(app: Quart) -> None:
-    """Add ``/`` and ``/login`` to *app*."""
+    """Add ``/`` and ``/login`` to *app*, and the ``path_segment`` template filter."""
+    app.add_template_filter(path_segment)
     context = dashboard_context(app)
     guard = context.guard
     supervisor = context.supervisor

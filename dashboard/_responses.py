@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from quart import Request, Response, render_template
@@ -31,10 +32,33 @@ def wants_json(request: Request) -> bool:
     return "text/html" not in accept or "application/json" in accept
 
 
+def encode_json(data: Any) -> str:
+    """*data* as compact, valid JSON: the one encoder of everything the dashboard sends.
+
+    Python writes NaN and infinities as ``NaN`` and ``Infinity``, which no JSON parser
+    (a browser's included) accepts: here they become ``null``. No key sorting:
+    snapshots are built in a useful order.
+    """
+    try:
+        return json.dumps(data, separators=(",", ":"), allow_nan=False)
+    except ValueError:  # a non-finite float somewhere
+        return json.dumps(_finite(data), separators=(",", ":"), allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    """*value* with every non-finite float replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
+
+
 def json_response(data: Any, status: int = 200) -> Response:
-    """*data* as compact JSON (no key sorting: snapshots are built in a useful order)."""
-    body = json.dumps(data, separators=(",", ":"))
-    return Response(body, status=status, mimetype="application/json")
+    """*data* as a JSON response (see :func:`encode_json`)."""
+    return Response(encode_json(data), status=status, mimetype="application/json")
 
 
 async def error_response(request: Request, status: int, message: str) -> Response:

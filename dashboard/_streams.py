@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -13,6 +12,7 @@ import trio
 
 from nursery_down import Event, Subscription, Supervisor
 
+from ._responses import encode_json
 from ._view import JOBS_SHOWN, TIMELINE_LENGTH
 
 #: Seconds between checks for changed counts (sent as a ``snapshot`` if anything changed).
@@ -32,7 +32,7 @@ EVENT_CACHE = 256
 
 def frame(event: str, data: object) -> bytes:
     """One SSE message; each line of the JSON payload is its own ``data:`` line."""
-    payload = json.dumps(data, separators=(",", ":"))
+    payload = encode_json(data)
     lines = "".join(f"data: {line}\n" for line in payload.split("\n"))
     return f"event: {event}\n{lines}\n".encode()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, get_args
@@ -15,6 +16,11 @@ if TYPE_CHECKING:
     from ._context import ServiceContext
 
 ServiceFunction = Callable[["ServiceContext"], Awaitable[None]]
+
+#: What a service may be called: it is one segment of the API's URLs
+#: (``/api/services/<name>/drain``), an argument of the command line and a metrics
+#: label, so nothing that a URL, a shell or a log line would read otherwise.
+SERVICE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}", re.ASCII)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +88,13 @@ def make_spec(
     service_name = name if name is not None else getattr(function, "__name__", None)
     if not isinstance(service_name, str) or not service_name:
         raise ConfigurationError("a service needs a non-empty name: pass name='...'")
+    if not SERVICE_NAME.fullmatch(service_name):
+        shown = service_name if len(service_name) <= 80 else f"{service_name[:80]}..."
+        raise ConfigurationError(
+            f"bad service name {shown!r}: use 1 to 64 ASCII letters, digits, '_', '.' "
+            "or '-', beginning with a letter, a digit or '_' (e.g. name='db-primary'); "
+            "the name appears in URLs, commands and metrics"
+        )
     if restart not in get_args(RestartPolicy):
         raise ConfigurationError(
             f"service {service_name!r}: restart must be 'permanent', 'transient' or "

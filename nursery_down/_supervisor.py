@@ -22,7 +22,7 @@ from ._services import Services
 from ._snapshot import build_snapshot
 from ._spec import Backoff, ServiceFunction, make_spec, start_order
 from ._state import ACTIVE_STATES, ServiceState
-from ._validate import require_seconds
+from ._validate import require_extension, require_seconds
 from ._whole_app import (
     EXIT_FAILED as EXIT_FAILED,
 )
@@ -461,14 +461,22 @@ class Supervisor:
     def extend_grace_nowait(
         self, seconds: float, name: str | None = None, *, actor: str = "code"
     ) -> None:
-        """:meth:`extend_grace` without blocking."""
+        """:meth:`extend_grace` without blocking.
+
+        A :class:`ConfigurationError` refuses more than a day per call, or a deadline
+        more than a week from now.
+        """
         seconds = require_seconds("seconds", seconds)
         targets = self._services.order if name is None else [self._services.record(name)]
         self._require_running()
         draining = [r for r in targets if r.state is S.DRAINING]
-        if not draining and not (name is None and self._app.state == "draining"):
+        whole_app = name is None and self._app.state == "draining"
+        if not draining and not whole_app:
             what = "nothing is draining" if name is None else f"service {name!r} is not draining"
             raise InvalidTransitionError(f"cannot extend the grace: {what}; drain it first")
+        deadlines = [r.drain.deadline for r in draining if r.drain is not None]
+        latest = max([*deadlines, self._app.deadline] if whole_app else deadlines, default=0.0)
+        require_extension(seconds, left=latest - trio.current_time())
         self._action("extend_grace", name, actor, seconds=seconds)
         if name is None and self._app.state == "draining":
             self._app.extend(seconds)

@@ -50,6 +50,34 @@ def require_count(what: str, value: object) -> int:
     return value
 
 
+#: Largest extension of a grace deadline in one call (a day).
+MAX_GRACE_EXTENSION = 86_400.0
+#: Furthest a grace deadline may be moved ahead of now (a week).
+MAX_GRACE_AHEAD = 7 * 86_400.0
+
+
+def require_extension(seconds: object, *, left: float) -> float:
+    """*seconds* to move a grace deadline later, or :class:`ConfigurationError`.
+
+    *left* is the time left before the latest deadline it moves. Each call may add
+    at most :data:`MAX_GRACE_EXTENSION`, and no deadline may end up more than
+    :data:`MAX_GRACE_AHEAD` from now, so a countdown always stays finite.
+    """
+    value = require_seconds("seconds", seconds)
+    if value > MAX_GRACE_EXTENSION:
+        raise ConfigurationError(
+            f"cannot extend the grace by {value:g} s: at most {MAX_GRACE_EXTENSION:g} s "
+            "(a day) per call"
+        )
+    if left + value > MAX_GRACE_AHEAD:
+        room = max(0.0, MAX_GRACE_AHEAD - left)
+        raise ConfigurationError(
+            f"cannot extend the grace by {value:g} s: a deadline may end at most "
+            f"{MAX_GRACE_AHEAD:g} s (a week) from now; at most {room:.0f} s more is possible"
+        )
+    return value
+
+
 def seconds_from_environ(name: str, what: str, *, positive: bool = False) -> float | None:
     """The seconds in environment variable *name*, None when unset or empty."""
     text = os.environ.get(name, "").strip()

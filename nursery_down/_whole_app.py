@@ -112,8 +112,16 @@ class WholeApp:
     # -- the whole-app drain -------------------------------------------------------------
 
     def begin_drain(self, grace: float | None, *, delay: float | None = None) -> None:
-        """Begin a whole-app drain: after the pre-drain delay, every service in stop order."""
-        if self.state in ("draining", "stopped"):
+        """Begin a whole-app drain: after the pre-drain delay, every service in stop order.
+
+        During a drain, it tightens the deadline as a drain of one service does: to
+        *grace* (default: the supervisor's) from now, or from the end of a pre-drain
+        delay under way, if that is earlier; a later deadline never loosens it.
+        """
+        if self.state == "draining":
+            self.tighten(grace)
+            return
+        if self.state == "stopped":
             return
         nursery = self._services.nursery
         assert nursery is not None
@@ -151,6 +159,20 @@ class WholeApp:
             while record.state in ACTIVE_STATES:
                 await services.wait_changed()
         self.finish()
+
+    def tighten(self, grace: float | None) -> None:
+        """Move the whole-app deadline to *grace* from now (after any pre-drain delay
+        still under way), for every service draining now and later, if that is earlier."""
+        now = trio.current_time()
+        scope = self.pre_drain_scope
+        delay = 0.0 if scope is None else max(0.0, scope.deadline - now)
+        deadline = now + delay + (self._grace() if grace is None else grace)
+        if deadline >= self.deadline:
+            return
+        self.deadline = deadline
+        for record in self._services.order:
+            if record.state is S.DRAINING:
+                self._services.drain(record, deadline)
 
     def escalate(self) -> None:
         """Hard-cancel everything in flight now, beginning a drain with no grace if needed."""
