@@ -15,7 +15,9 @@ Every error a user can see derives from :class:`NurseryDownError`, so one
         ├── QueueLockedError        another process holds the queue file's lock too long
         ├── QueueUnwritableError    the queue file cannot be created or written
         ├── PayloadError            a payload cannot be stored (not JSON-able); also a TypeError
-        └── NotLeasedError          ack/release/fail of a job this queue does not hold
+        ├── NotLeasedError          ack/release/fail of a job this queue does not hold
+        ├── QueueUnavailableError   the queue's database server cannot be reached
+        └── QueueSchemaError        the queue's tables have a layout this version cannot read
 
 Each message says what happened and what to do about it.
 """
@@ -102,4 +104,21 @@ class NotLeasedError(QueueError, LookupError):
     """``ack``/``release``/``fail`` named a job that this queue does not hold as claimed.
 
     Each claimed job is settled exactly once, by the queue that handed it out.
+    """
+
+
+class QueueUnavailableError(QueueError):
+    """The queue's database server cannot be reached, or dropped the connection mid-call.
+
+    Check that the server runs and accepts connections from this host, and that the
+    connection string's host, port, database, user and password are right.
+    """
+
+
+class QueueSchemaError(QueueError):
+    """The queue's tables have a layout this version of nursery_down cannot read.
+
+    A newer layout was written by a newer nursery_down: upgrade this one to the
+    version the rest of the fleet runs. Tables that nursery_down did not write are
+    never touched: give the queue another name.
     """

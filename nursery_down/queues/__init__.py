@@ -3,6 +3,8 @@
 - :class:`JobSource`: the protocol (claim, ack, release, fail).
 - :class:`MemoryQueue`: in-process, for tests and simple programs.
 - :class:`SQLiteQueue`: durable in one SQLite file; survives any crash of the process.
+- :class:`PostgresQueue`: durable in PostgreSQL, shared by worker processes on many
+  machines (needs ``pip install 'nursery-down[postgres]'``; imported only when used).
 
 The errors they raise derive from :class:`QueueError` (itself a
 ``nursery_down.NurseryDownError``) and are importable from here too.
@@ -13,8 +15,11 @@ from .._exceptions import PayloadError as PayloadError
 from .._exceptions import QueueCorruptError as QueueCorruptError
 from .._exceptions import QueueError as QueueError
 from .._exceptions import QueueLockedError as QueueLockedError
+from .._exceptions import QueueSchemaError as QueueSchemaError
+from .._exceptions import QueueUnavailableError as QueueUnavailableError
 from .._exceptions import QueueUnwritableError as QueueUnwritableError
 from ._memory import MemoryQueue as MemoryQueue
+from ._postgres import PostgresQueue as PostgresQueue
 from ._source import DeadJob as DeadJob
 from ._source import JobSource as JobSource
 from ._source import QueuedJob as QueuedJob
@@ -27,10 +32,13 @@ __all__ = [
     "MemoryQueue",
     "NotLeasedError",
     "PayloadError",
+    "PostgresQueue",
     "QueueCorruptError",
     "QueueError",
     "QueueLockedError",
+    "QueueSchemaError",
     "QueueStatistics",
+    "QueueUnavailableError",
     "QueueUnwritableError",
     "QueuedJob",
     "SQLiteQueue",

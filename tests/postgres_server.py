@@ -1,0 +1,198 @@
+"""A PostgreSQL server for the tests: the one ``NURSERY_DOWN_TEST_POSTGRES`` names, or a
+throwaway cluster started from the Debian packages' binaries.
+
+A throwaway cluster lives in a temporary folder, listens on 127.0.0.1 and a Unix
+socket of its own, and is stopped and deleted at the end of the session. ``initdb``
+refuses to run as root, so as root every server command runs as the ``postgres``
+user (``runuser -u postgres --``), which owns the folder.
+
+Where no server can be had, the tests that need one are skipped with the reason,
+except under ``CI`` (set), where they fail: CI installs PostgreSQL and must never skip.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: A DSN of a server to use instead of a throwaway cluster (it must allow CREATE DATABASE).
+DSN_ENV = "NURSERY_DOWN_TEST_POSTGRES"
+
+
+class NoServerError(Exception):
+    """No PostgreSQL server can be had here; the message says why."""
+
+
+@dataclass
+class Server:
+    """A running server: a DSN for its maintenance database, and control if we own it."""
+
+    dsn: str
+    #: The cluster's folder and binaries when this session started it, else None.
+    data: Path | None = None
+    bindir: Path | None = None
+    log: Path | None = None
+    port: int = 0
+    socket_dir: Path | None = None
+    _as_postgres: list[str] = field(default_factory=list)
+
+    @property
+    def owned(self) -> bool:
+        return self.data is not None
+
+    def dsn_for(self, dbname: str) -> str:
+        """A DSN of database *dbname* on this server."""
+        import psycopg.conninfo
+
+        return psycopg.conninfo.make_conninfo(self.dsn, dbname=dbname)
+
+    def create_database(self) -> str:
+        """A new empty database; its DSN."""
+        import psycopg
+
+        name = f"nd_test_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(self.dsn, autocommit=True) as connection:
+            connection.execute(f"CREATE DATABASE {name} TEMPLATE template0")
+        return self.dsn_for(name)
+
+    def restart(self) -> None:
+        """Restart the server (fast shutdown: sessions are ended, data kept)."""
+        self._pg_ctl("restart", "-m", "fast")
+
+    def stop(self) -> None:
+        if self.owned:
+            self._pg_ctl("stop", "-m", "immediate")
+
+    def _pg_ctl(self, action: str, *args: str) -> None:
+        if not self.owned:
+            raise NoServerError(f"cannot {action} a server this session did not start")
+        assert self.data is not None
+        assert self.bindir is not None
+        assert self.log is not None
+        options = f"-k {self.socket_dir} -p {self.port} -c listen_addresses=127.0.0.1 -c fsync=off"
+        command = [
+            *self._as_postgres,
+            str(self.bindir / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.log),
+            "-w",
+            "-t",
+            "60",
+            action,
+            *args,
+        ]
+        if action in ("start", "restart"):
+            command += ["-o", options]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=90, check=False)
+        if result.returncode:
+            log = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
+            raise NoServerError(
+                f"pg_ctl {action} failed ({result.returncode}): {result.stderr.strip()}\n{log}"
+            )
+
+
+def find_bindir() -> Path | None:
+    """The newest /usr/lib/postgresql/*/bin holding initdb, or None."""
+    found = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+        key=lambda p: (
+            int(Path(p).parent.parent.name) if Path(p).parent.parent.name.isdigit() else 0
+        ),
+    )
+    return Path(found[-1]).parent if found else None
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def start_server() -> Server:
+    """The server of :data:`DSN_ENV`, or a throwaway cluster; :class:`NoServerError` if none."""
+    try:
+        import psycopg
+    except ImportError:
+        raise NoServerError(
+            "psycopg is not installed: pip install 'nursery-down[postgres]'"
+        ) from None
+    dsn = os.environ.get(DSN_ENV, "").strip()
+    if dsn:
+        try:
+            psycopg.connect(dsn, connect_timeout=5).close()
+        except psycopg.Error as exc:
+            raise NoServerError(f"${DSN_ENV} ({dsn!r}) cannot be reached: {exc}") from None
+        return Server(dsn)
+    bindir = find_bindir()
+    if bindir is None:
+        raise NoServerError(
+            "no PostgreSQL server: /usr/lib/postgresql/*/bin/initdb is missing (install "
+            f"Debian's postgresql package) and ${DSN_ENV} is not set"
+        )
+    as_postgres: list[str] = []
+    if os.geteuid() == 0:
+        if shutil.which("runuser") is None:
+            raise NoServerError("running as root, and runuser is missing to run initdb as postgres")
+        as_postgres = ["runuser", "-u", "postgres", "--"]
+    top = Path(tempfile.mkdtemp(prefix="nd-postgres-"))
+    data, sockets, log = top / "data", top / "sockets", top / "server.log"
+    sockets.mkdir()
+    if as_postgres:
+        shutil.chown(top, "postgres", "postgres")
+        shutil.chown(sockets, "postgres", "postgres")
+    os.chmod(top, 0o755)
+    result = subprocess.run(
+        [
+            *as_postgres,
+            str(bindir / "initdb"),
+            "-D",
+            str(data),
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "--no-sync",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if result.returncode:
+        shutil.rmtree(top, ignore_errors=True)
+        raise NoServerError(f"initdb failed: {result.stderr.strip() or result.stdout.strip()}")
+    port = _free_port()
+    server = Server(
+        f"host=127.0.0.1 port={port} user=postgres dbname=postgres",
+        data=data,
+        bindir=bindir,
+        log=log,
+        port=port,
+        socket_dir=sockets,
+        _as_postgres=as_postgres,
+    )
+    try:
+        server._pg_ctl("start")
+    except NoServerError:
+        shutil.rmtree(top, ignore_errors=True)
+        raise
+    return server
+
+
+def remove(server: Server) -> None:
+    """Stop a throwaway cluster and delete its folder."""
+    if server.owned:
+        assert server.data is not None
+        try:
+            server.stop()
+        finally:
+            shutil.rmtree(server.data.parent, ignore_errors=True)
