@@ -7,7 +7,7 @@ import os
 import secrets
 import socket
 import sys
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -65,6 +65,7 @@ async def serve_dashboard(
     *,
     token: str | None = None,
     allowed_hosts: Iterable[str] | None = None,
+    handed_over: Callable[[], Awaitable[None]] | None = None,
     task_status: trio.TaskStatus[DashboardInfo] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the dashboard and HTTP API of *supervisor* on *address* until it stopped.
@@ -80,6 +81,10 @@ async def serve_dashboard(
     token came from the caller or the environment) and passes a
     :class:`DashboardInfo` to ``task_status.started()``. Returns shortly after the
     supervisor stopped: it ends its own event streams first, then stops hypercorn.
+
+    *handed_over*, when given, is awaited alongside: once it returns (a new generation
+    of the program took over the dashboard's socket), this dashboard stops the same
+    way, so that browsers reconnect to the new generation while this one drains.
     """
     where = await resolve_address(address)
     given = token or os.environ.get("NURSERY_DOWN_TOKEN") or None
@@ -117,6 +122,7 @@ async def serve_dashboard(
             config,
             shown,
             DashboardInfo(url=url, token=operator_token),
+            handed_over,
             task_status,
         )
     finally:
@@ -129,6 +135,7 @@ async def _serve_until_stopped(
     config: Config,
     shown: str,
     info: DashboardInfo,
+    handed_over: Callable[[], Awaitable[None]] | None,
     task_status: trio.TaskStatus[DashboardInfo],
 ) -> None:
     streams = dashboard_context(app).streams
@@ -147,7 +154,15 @@ async def _serve_until_stopped(
         # A plain line rather than a log record: log handlers must never see the token.
         print(f"nursery_down dashboard: {shown}", file=sys.stderr, flush=True)  # noqa: T201
         task_status.started(info)
-        await supervisor.wait_finished()
+        async with trio.open_nursery() as until:
+
+            async def stop_after(wait: Callable[[], Awaitable[None]]) -> None:
+                await wait()
+                until.cancel_scope.cancel()
+
+            until.start_soon(stop_after, supervisor.wait_finished)
+            if handed_over is not None:
+                until.start_soon(stop_after, handed_over)
         # Open event streams would hold hypercorn's shutdown for its whole graceful
         # timeout: end them first, then stop the server.
         streams.close()

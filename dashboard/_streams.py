@@ -48,7 +48,17 @@ def live_snapshot(supervisor: Supervisor, *, events: bool = False) -> dict[str, 
 
 def _signature(snapshot: dict[str, Any]) -> object:
     """What changes the page beyond the ages it ticks by itself."""
+    previous = snapshot.get("previous_generation")
     return (
+        None
+        if previous is None
+        else (
+            previous["state"],
+            previous["in_flight"],
+            previous["exit_code"],
+            previous["grace_deadline"],
+            tuple((job["service"], job["key"]) for job in previous["jobs"]),
+        ),
         snapshot["state"],
         snapshot["grace_deadline"],
         tuple(

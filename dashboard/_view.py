@@ -107,6 +107,24 @@ def app_impacts(snapshot: dict[str, Any]) -> dict[str, str]:
     }
 
 
+def previous_summary(previous: dict[str, Any] | None) -> str:
+    """The line about the generation an upgrade replaced:
+    ``"pid 41 · draining · asked by signal SIGUSR2 · 3 jobs in flight · hard-cancel in 12 s"``."""
+    if previous is None:
+        return ""
+    state = previous["state"]
+    parts = [f"pid {previous['pid']}", state]
+    if previous["asked_by"]:
+        parts.append(f"asked by {previous['asked_by']}")
+    if state in ("running", "draining"):
+        parts.append(f"{plural(previous['in_flight'], 'job')} in flight")
+        if previous["time_left"] is not None:
+            parts.append(f"hard-cancel in {duration(previous['time_left'])}")
+    if previous["exit_code"] is not None:
+        parts.append(f"exit code {previous['exit_code']}")
+    return " · ".join(parts)
+
+
 def time_left(deadline: float | None) -> float | None:
     """Seconds until a wall-clock *deadline*, or None."""
     return None if deadline is None else deadline - time.time()
@@ -141,4 +159,5 @@ def page_context(snapshot: dict[str, Any], events: list[dict[str, Any]]) -> dict
         "clock": clock,
         "job_info": job_info,
         "event_text": event_text,
+        "previous_summary": previous_summary,
     }

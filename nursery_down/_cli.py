@@ -340,6 +340,17 @@ def format_status(snapshot: dict[str, Any], *, only: str | None = None) -> str:
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = [f"{snapshot['app']} (pid {snapshot['pid']}): {snapshot['state']}"]
+    previous = snapshot.get("previous_generation")
+    if previous:
+        # After an upgrade: the generation this one replaced, while it drains and after.
+        about = [previous["state"]]
+        if previous["state"] in ("running", "draining"):
+            about.append(f"{previous['in_flight']} in flight")
+            if previous["time_left"] is not None:
+                about.append(f"hard-cancel in {max(0.0, previous['time_left']):.1f}s")
+        if previous["exit_code"] is not None:
+            about.append(f"exit code {previous['exit_code']}")
+        lines.append(f"previous generation (pid {previous['pid']}): {', '.join(about)}")
     lines += [
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         for row in rows

@@ -96,6 +96,7 @@ async def open_supervisor(
             pid_file=pid_file,
         )
         supervisor._upgrade = upgrader.upgrade
+        supervisor._previous_generation = upgrader.previous_generation
     if pid_file is not None:
         write_pid_file(pid_file, os.getpid())
     try:
@@ -139,7 +140,7 @@ async def _running(
             async def start_dashboard() -> None:
                 if dashboard is None:
                     return
-                info = await _start_dashboard(inner, supervisor, dashboard)
+                info = await _start_dashboard(inner, supervisor, dashboard, upgrader)
                 if upgrader is not None:
                     upgrader.dashboard_token = info.token
                 dashboard_up.set()
@@ -170,7 +171,9 @@ async def _running(
 SHUTDOWN_LIMIT = 5.0
 
 
-async def _start_dashboard(nursery: trio.Nursery, supervisor: Supervisor, address: str) -> Any:
+async def _start_dashboard(
+    nursery: trio.Nursery, supervisor: Supervisor, address: str, upgrader: Upgrader | None
+) -> Any:
     try:
         # Imported here: the core never needs the web stack unless a dashboard is asked for.
         dashboard = importlib.import_module("nursery_down.dashboard")
@@ -179,7 +182,12 @@ async def _start_dashboard(nursery: trio.Nursery, supervisor: Supervisor, addres
             f"the dashboard needs extra packages ({exc.name} is missing); "
             "install them with: pip install 'nursery-down[dashboard]'"
         ) from None
-    return await nursery.start(dashboard.serve_dashboard, supervisor, address)
+    # Once a new generation took over, this one's dashboard stops accepting: browsers
+    # reconnect to the new one, which shows this one's drain.
+    handed_over = None if upgrader is None else upgrader.wait_handed_over
+    return await nursery.start(
+        partial(dashboard.serve_dashboard, supervisor, address, handed_over=handed_over)
+    )
 
 
 def run(

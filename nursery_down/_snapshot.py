@@ -27,6 +27,7 @@ def build_snapshot(
     pre_drain_until: float | None,
     warnings: list[str],
     max_jobs: int | None,
+    previous_generation: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The whole app as plain JSON-able data: the schema documented in the README."""
     try:
@@ -97,6 +98,8 @@ def build_snapshot(
         # When services stop serving: the end of a pre-drain delay under way.
         "pre_drain_until": None if pre_drain_until is None else wall(pre_drain_until),
         "warnings": list(warnings),
+        # After an upgrade: the generation this one replaced, while it drains and after.
+        "previous_generation": previous_generation,
     }
 
 

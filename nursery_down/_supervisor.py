@@ -106,6 +106,8 @@ class Supervisor:
         self._warnings: list[str] = []
         # Set by nd.run: starts the next generation of the program (see upgrade()).
         self._upgrade: Callable[[str], Awaitable[int]] | None = None
+        # Set by nd.run: what this generation knows of the one it replaced, if any.
+        self._previous_generation: Callable[[], dict[str, Any] | None] | None = None
 
     # -- defining services ------------------------------------------------------------
 
@@ -522,8 +524,10 @@ class Supervisor:
         *max_jobs* caps the job list of each service, oldest first; ``jobs_hidden``
         says how many were left out. ``warnings`` lists what was found wrong at start
         (a grace that does not fit the outer kill deadline); ``pre_drain_until`` is the
-        wall-clock end of a pre-drain delay under way, else None. Always valid JSON:
-        no NaN or infinity anywhere.
+        wall-clock end of a pre-drain delay under way, else None. In a generation
+        started by an upgrade, ``previous_generation`` describes the one it replaced
+        (pid, state, who asked, in-flight jobs, time left in its grace), else it is
+        None. Always valid JSON: no NaN or infinity anywhere.
         """
         app = self._app
         pre_drain = app.pre_drain_scope
@@ -543,6 +547,9 @@ class Supervisor:
             ),
             warnings=self._warnings,
             max_jobs=max_jobs,
+            previous_generation=(
+                None if self._previous_generation is None else self._previous_generation()
+            ),
         )
 
     # -- internals ----------------------------------------------------------------------

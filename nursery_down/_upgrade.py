@@ -12,9 +12,13 @@ The protocol (the Go service runner's, after tableflip):
    service and, once the whole app is RUNNING, writes ``ready`` to the readiness pipe.
 4. Then this process announces the new main PID to systemd (``MAINPID=`` then
    ``READY=1``), drains under its grace and exits. Both generations serve (and consume)
-   for the length of that drain; leases keep each job to one of them.
+   for the length of that drain; leases keep each job to one of them. Its dashboard
+   stops accepting at once, so that browsers follow to the new generation.
 5. If the new generation exits, or is not ready within the timeout, this process kills
    and reaps it, keeps serving, and reports the failure.
+
+Over the parent-alive pipe the old generation tells the new one who asked for the
+upgrade and, while it drains, its state and in-flight jobs (:mod:`._generations`).
 """
 
 from __future__ import annotations
@@ -26,10 +30,19 @@ import signal
 import subprocess
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import trio
 
 from ._exceptions import ConfigurationError, InvalidTransitionError, UpgradeError
+from ._generations import (
+    LINE_LIMIT,
+    REPORT_INTERVAL,
+    PreviousGeneration,
+    drain_report,
+    send_message,
+    upgrade_request,
+)
 from ._listeners import (
     LISTENERS_ENV,
     close_unclaimed_listeners,
@@ -76,9 +89,13 @@ class Upgrader:
         self._cwd = cwd if cwd is not None else os.getcwd()
         self._timeout = require_seconds("upgrade timeout", timeout, positive=True)
         self._pending: int | None = None
-        # Set in a new generation until its predecessor exited.
-        self._predecessor: int | None = None
+        # Set in a new generation: what it knows of the one it replaced.
+        self._predecessor: PreviousGeneration | None = None
         self._predecessor_gone = trio.Event()
+        # Set in the old generation once the new one is ready and this one drains.
+        self._handed_over = trio.Event()
+        # Where the old generation's reports run (open while serve() runs).
+        self._nursery: trio.Nursery | None = None
         # Set in a generation started by an upgrade: (ready fd, parent fd, parent pid).
         self._handover = _read_handover()
         # What must be up before this generation says it is ready (its dashboard).
@@ -98,24 +115,36 @@ class Upgrader:
     @property
     def predecessor(self) -> int | None:
         """The pid of the previous generation while it still drains, else None."""
-        return None if self._predecessor_gone.is_set() else self._predecessor
+        if self._predecessor is None or self._predecessor_gone.is_set():
+            return None
+        return self._predecessor.pid
 
-    # -- the new generation's side --------------------------------------------------------
+    def previous_generation(self) -> dict[str, Any] | None:
+        """The snapshot's ``previous_generation``: None unless this generation replaced
+        one; then its pid, state (``running``, ``draining``, ``stopped``, ``exited``),
+        who asked for the upgrade, its in-flight jobs and the time left in its grace."""
+        return None if self._predecessor is None else self._predecessor.view()
+
+    async def wait_handed_over(self) -> None:
+        """Return once a new generation is ready and this one began to drain."""
+        await self._handed_over.wait()
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """In a generation started by an upgrade: say ready once the app runs, then
-        watch the predecessor until it exits. Elsewhere: return at once."""
-        handover = self._handover
-        if handover is None:
-            self._predecessor_gone.set()
-            task_status.started()
-            return
-        ready_fd, parent_fd, parent_pid = handover
-        self._predecessor = parent_pid
-        task_status.started()
+        """Run until cancelled: in a generation started by an upgrade, say ready once
+        the app runs and follow the predecessor until it exits; in every generation,
+        report this one's drain to its successor after an upgrade."""
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._watch_predecessor, parent_fd, parent_pid)
-            await self._report_ready(ready_fd)
+            self._nursery = nursery
+            handover = self._handover
+            if handover is None:
+                self._predecessor_gone.set()
+            else:
+                ready_fd, parent_fd, parent_pid = handover
+                self._predecessor = PreviousGeneration(parent_pid)
+                nursery.start_soon(self._watch_predecessor, parent_fd, self._predecessor)
+                nursery.start_soon(self._report_ready, ready_fd)
+            task_status.started()
+            await trio.sleep_forever()
 
     async def _report_ready(self, ready_fd: int) -> None:
         supervisor = self._supervisor
@@ -133,24 +162,39 @@ class Upgrader:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 logger.warning("the previous generation went away before we were ready")
                 return
+        pid = self._predecessor.pid if self._predecessor is not None else "?"
         supervisor.announce(  # the runner reports on the app
             f"upgrade: this generation (pid {os.getpid()}) is ready; the previous one "
-            f"(pid {self._predecessor}) drains",
+            f"(pid {pid}) drains",
             upgrade="ready",
         )
 
-    async def _watch_predecessor(self, parent_fd: int, parent_pid: int) -> None:
+    async def _watch_predecessor(self, parent_fd: int, previous: PreviousGeneration) -> None:
+        """Read the previous generation's messages until its end of the pipe closes."""
+        supervisor = self._supervisor
         async with trio.lowlevel.FdStream(parent_fd) as pipe:
+            pending = b""
             try:
-                while await pipe.receive_some(64):
-                    pass
+                while chunk := await pipe.receive_some(LINE_LIMIT):
+                    pending += chunk
+                    *lines, pending = pending.split(b"\n")
+                    if len(pending) > LINE_LIMIT:
+                        pending = b""  # not a message of ours: drop it
+                    for line in lines:
+                        said = previous.receive(line)
+                        if said is not None:
+                            supervisor.announce(said, upgrade="asked", pid=previous.pid)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
+        previous.exited = True
         self._predecessor_gone.set()
-        if self._supervisor.app_state != "stopped":
-            self._supervisor.announce(
-                f"upgrade: the previous generation (pid {parent_pid}) has exited",
+        if supervisor.app_state != "stopped":
+            code = previous.exit_code
+            how = "" if code is None else f" (its drain ended with exit code {code})"
+            supervisor.announce(
+                f"upgrade: the previous generation (pid {previous.pid}) has exited{how}",
                 upgrade="predecessor exited",
+                pid=previous.pid,
             )
 
     # -- the old generation's side --------------------------------------------------------
@@ -204,6 +248,7 @@ class Upgrader:
         os.close(alive_read)
         # Kept open until this process exits: its end tells the child we are gone.
         _parent_alive_pipes.append(alive_write)
+        send_message(alive_write, upgrade_request(actor, process.pid))
         self._pending = process.pid
         supervisor.announce(
             f"upgrade asked by {actor}: started the new generation (pid {process.pid})",
@@ -250,8 +295,23 @@ class Upgrader:
             pid=process.pid,
         )
         supervisor.drain_nowait(actor=f"upgrade (new generation pid {process.pid})")
-        # Reaped when it exits, so that it never lingers as a zombie of ours.
+        self._handed_over.set()
+        if self._nursery is not None:
+            self._nursery.start_soon(self._report_drain, alive_write)
         return process.pid
+
+    async def _report_drain(self, fd: int) -> None:
+        """Tell the new generation how this one's drain goes, until it stopped."""
+        supervisor = self._supervisor
+        try:
+            while supervisor.app_state != "stopped":
+                if not send_message(fd, drain_report(supervisor.snapshot())):
+                    return
+                with trio.move_on_after(REPORT_INTERVAL):
+                    await supervisor.wait_app_state("stopped")
+        finally:
+            # The last word, with the exit code, even when the program is ending.
+            send_message(fd, drain_report(supervisor.snapshot()))
 
     async def _wait_ready(self, ready_read: int) -> str:
         """``"ready"``, ``"exited"`` (the pipe closed first), ``"timeout"`` or

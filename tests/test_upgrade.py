@@ -46,7 +46,14 @@ from typing import Any, TypeVar
 import pytest
 
 import nursery_down as nd
-from tests.dashboard_helpers import URL_LINE, read_response, request_bytes
+from tests.dashboard_helpers import (
+    ARTIFACTS,
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    URL_LINE,
+    read_response,
+    request_bytes,
+)
 
 pytestmark = pytest.mark.subprocess
 
@@ -163,12 +170,14 @@ class App:
         timeout: float = 60.0,
         token: str | None = TOKEN,
         notify_socket: str | None = None,
+        hold: bool = False,
     ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.log_path = directory / "stderr"
         self.port_file = directory / "port"
         self.generation_file = directory / "generation"
         self.mode_file = directory / "mode"
+        self.hold_file = directory / "release-held-jobs"
         self.port_file.unlink(missing_ok=True)  # only the program's own counts
         self.set_generation("1")
         self.set_mode("ok")
@@ -195,6 +204,8 @@ class App:
             UPGRADE_APP_GRACE="5",
             UPGRADE_APP_DASHBOARD="127.0.0.1:0",
         )
+        if hold:
+            env["UPGRADE_APP_HOLD_FILE"] = str(self.hold_file)
         if token is not None:
             env["NURSERY_DOWN_TOKEN"] = token
         if notify_socket is not None:
@@ -304,6 +315,9 @@ class App:
     def set_mode(self, mode: str) -> None:
         self.mode_file.write_text(mode)
 
+    def release_held_jobs(self) -> None:
+        self.hold_file.touch()
+
     def signal(self, pid: int, signum: signal.Signals) -> None:
         assert running(pid), f"pid {pid} is gone before {signum.name}; {self.describe()}"
         os.kill(pid, signum)
@@ -329,9 +343,21 @@ class App:
         return self.request("POST", "/api/upgrade")
 
     def upgrade_by_cli(self) -> subprocess.CompletedProcess[str]:
-        command = [sys.executable, "-m", "nursery_down", "upgrade"]
+        return self.cli("upgrade")
+
+    def cli(self, command: str) -> subprocess.CompletedProcess[str]:
+        """``nursery-down COMMAND`` against the dashboard, with our token."""
         return subprocess.run(
-            [*command, "--url", self.url, "--token", self.token],
+            [
+                sys.executable,
+                "-m",
+                "nursery_down",
+                command,
+                "--url",
+                self.url,
+                "--token",
+                self.token,
+            ],
             env=self.client_env,
             capture_output=True,
             text=True,
@@ -339,10 +365,14 @@ class App:
             check=False,
         )
 
-    def snapshot_pid(self) -> int:
+    def snapshot(self) -> dict[str, Any]:
         status, body = self.request("GET", "/api/snapshot")
         assert status == 200, body
-        pid: int = body["pid"]
+        assert isinstance(body, dict)
+        return body
+
+    def snapshot_pid(self) -> int:
+        pid: int = self.snapshot()["pid"]
         return pid
 
     def terminate(self, pid: int) -> None:
@@ -778,6 +808,133 @@ def test_the_dashboard_follows_with_the_same_url_and_token(launch: Callable[...,
     status, _ = app.request("GET", "/api/snapshot", token="not-the-token")
     assert status == 401
     assert ask(app.port) == (new, "2")
+    app.terminate(new)
+
+
+def test_the_new_generation_shows_the_previous_one_while_it_drains(
+    launch: Callable[..., App],
+) -> None:
+    app = launch(hold=True)  # the job held-1 holds the first generation's drain
+    old = app.first
+    assert app.snapshot()["previous_generation"] is None
+    app.set_generation("2")
+    status, body = app.upgrade_by_api()
+    assert status == 202, body
+    new = body["upgraded_to"]
+
+    # The old generation's dashboard stops accepting at the hand-over: from then on every
+    # request reaches the new one, which reports the old one's drain.
+    def previous_draining() -> dict[str, Any] | None:
+        snapshot = app.snapshot()
+        previous = snapshot["previous_generation"]
+        if snapshot["pid"] != new or previous is None or previous["state"] != "draining":
+            return None
+        # The first report may come in the instant the drain began, before its deadline.
+        return previous if previous["jobs"] and previous["jobs"][0]["time_left"] else None
+
+    previous = app.wait("the previous generation draining", previous_draining, watch=new)
+    assert previous["pid"] == old
+    assert previous["asked_by"].startswith("api ")  # "api 127.0.0.1": the API, from here
+    assert previous["in_flight"] == 1
+    (job,) = previous["jobs"]
+    assert (job["service"], job["key"]) == ("held", "held-1")
+    assert job["age"] >= 0
+    assert 0 < job["time_left"] <= 5.0
+    assert 0 < previous["time_left"] <= 5.0
+    assert previous["exit_code"] is None
+    status_line = f"previous generation (pid {old}): draining, 1 in flight, hard-cancel in "
+    shown = app.cli("status")
+    assert (shown.returncode, shown.stderr) == (0, ""), shown
+    assert status_line in shown.stdout, shown.stdout
+    answered_by = {app.snapshot_pid() for _ in range(30)}
+    assert answered_by == {new}, f"answered by {answered_by}; the old generation is {old}"
+    assert f"upgrade asked by {previous['asked_by']} in the previous generation (pid {old})" in (
+        app.log()
+    )
+
+    app.release_held_jobs()
+    assert app.exit_code(old) == 0, app.describe()
+    app.wait_log(f"{exited_line(old)} (its drain ended with exit code 0)", watch=new)
+    previous = app.snapshot()["previous_generation"]
+    assert (previous["state"], previous["exit_code"], previous["jobs"]) == ("exited", 0, [])
+    app.terminate(new)
+
+
+def test_sigterm_to_the_draining_old_generation_cuts_its_drain_short(
+    launch: Callable[..., App],
+) -> None:
+    app = launch(hold=True)  # held-1 would hold the old generation's drain for ever
+    old = app.first
+    app.set_generation("2")
+    app.signal(old, signal.SIGUSR2)
+    new = app.wait_started(1)
+    app.wait_log(ready_line(new), watch=new)
+    app.signal(old, signal.SIGTERM)  # a signal during a drain escalates
+    assert app.exit_code(old) == 3, app.describe()  # drained, a job hard-cancelled
+    app.wait_log(f"{exited_line(old)} (its drain ended with exit code 3)", watch=new)
+    previous = app.snapshot()["previous_generation"]
+    assert (previous["pid"], previous["state"], previous["exit_code"]) == (old, "exited", 3)
+    assert previous["asked_by"] == "signal SIGUSR2"
+    app.release_held_jobs()
+    app.terminate(new)
+
+
+def test_the_browser_follows_an_upgrade_without_a_reload(
+    launch: Callable[..., App], tmp_path: Path
+) -> None:
+    if not CHROMIUM.exists():
+        pytest.skip("needs Debian's Chromium at /usr/bin/chromium")
+    from playwright.sync_api import expect, sync_playwright
+
+    app = launch(hold=True)
+    old = app.first
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(PATIENCE * 1000)
+            errors: list[str] = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(f"{app.url}/?token={app.token}")
+            expect(page.locator("#connection")).to_have_attribute("data-connection", "live")
+            expect(page.locator("#previous")).to_be_hidden()
+            page.evaluate("window.notReloaded = true")
+
+            app.set_generation("2")
+            page.locator('#app-actions [data-action="upgrade"] summary').click()
+            page.locator('#app-actions [data-action="upgrade"] button').click()
+            new = app.wait_started(1)
+
+            # The page reconnects to the new generation by itself and shows the old one.
+            previous = page.locator("#previous")
+            expect(previous).to_be_visible()
+            expect(previous).to_have_attribute("data-state", "draining")
+            expect(previous.locator('[data-field="previous_summary"]')).to_contain_text(
+                f"pid {old} · draining · asked by browser"
+            )
+            expect(previous.locator('[data-field="previous_jobs"]')).to_contain_text("held-1")
+            expect(page.locator("#connection")).to_have_attribute("data-connection", "live")
+            expect(page.locator("#app-pid")).to_have_text(str(new))
+            assert page.evaluate("window.notReloaded") is True
+
+            app.release_held_jobs()
+            expect(previous).to_have_attribute("data-state", "exited")
+            expect(previous.locator('[data-field="previous_summary"]')).to_contain_text(
+                "exit code 0"
+            )
+            expect(previous.locator("table")).to_be_hidden()  # no jobs left to list
+            timeline = page.locator("#timeline")
+            expect(timeline).to_contain_text(f"the previous generation (pid {old}) has exited")
+            expect(timeline).to_contain_text(
+                f"upgrade asked by browser 127.0.0.1 in the previous generation (pid {old})"
+            )
+            page.screenshot(path=str(ARTIFACTS / "upgrade-previous-generation.png"))
+            assert errors == []
+        finally:
+            browser.close()
+    assert app.exit_code(old) == 0, app.describe()
     app.terminate(new)
 
 

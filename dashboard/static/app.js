@@ -118,6 +118,46 @@
     setText(hidden, `${service.jobs_hidden} more hidden`);
   }
 
+  // The generation an upgrade replaced, while it drains and after (same as _view.py).
+  function previousSummary(previous, serverNow) {
+    const parts = [`pid ${previous.pid}`, previous.state];
+    if (previous.asked_by) parts.push(`asked by ${previous.asked_by}`);
+    if (previous.state === "running" || previous.state === "draining") {
+      parts.push(`${plural(previous.in_flight, "job")} in flight`);
+      if (previous.grace_deadline !== null) {
+        parts.push(`hard-cancel in ${duration(previous.grace_deadline - serverNow)}`);
+      }
+    }
+    if (previous.exit_code !== null) parts.push(`exit code ${previous.exit_code}`);
+    return parts.join(" · ");
+  }
+
+  function renderPrevious(previous, elapsed, serverNow) {
+    const section = document.getElementById("previous");
+    section.hidden = !previous;
+    if (!previous) return;
+    section.dataset.state = previous.state;
+    setText(field(section, "previous_state"), previous.state.toUpperCase());
+    setText(field(section, "previous_summary"), previousSummary(previous, serverNow));
+    const body = field(section, "previous_jobs");
+    body.closest("table").hidden = previous.jobs.length === 0;
+    while (body.rows.length > previous.jobs.length) body.deleteRow(-1);
+    while (body.rows.length < previous.jobs.length) {
+      const row = body.insertRow();
+      for (let i = 0; i < 4; i += 1) row.insertCell();
+    }
+    previous.jobs.forEach((job, index) => {
+      const cells = body.rows[index].cells;
+      setText(cells[0], String(job.service));
+      setText(cells[1], String(job.key));
+      setText(cells[2], duration(job.age + elapsed));
+      setText(cells[3], job.time_left === null ? "-" : duration(job.time_left - elapsed));
+    });
+    const hidden = field(section, "previous_hidden");
+    hidden.hidden = previous.jobs_hidden === 0;
+    setText(hidden, `${previous.jobs_hidden} more hidden`);
+  }
+
   // Problems found at start (a grace that does not fit the outer kill deadline).
   function renderWarnings(list) {
     const texts = (list || []).map((text) => `Warning: ${text}`);
@@ -145,9 +185,12 @@
     const appState = document.getElementById("app-state");
     appState.dataset.state = snapshot.state;
     setText(appState, snapshot.state.toUpperCase());
+    // After an upgrade the page follows the new generation: another process.
+    setText(document.getElementById("app-pid"), String(snapshot.pid));
     const appLeft = snapshot.grace_deadline === null ? null : snapshot.grace_deadline - serverNow;
     document.getElementById("app-grace-left").hidden = appLeft === null;
     setText(document.querySelector('[data-field="app_grace_left"]'), duration(appLeft));
+    renderPrevious(snapshot.previous_generation || null, elapsed, serverNow);
 
     const allJobs = [];
     for (const service of snapshot.services) {

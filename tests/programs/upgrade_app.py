@@ -12,6 +12,9 @@ never an answer: a connection accepted as the drain begins is answered too. Envi
 - ``UPGRADE_APP_GRACE``: the grace in seconds (default 5)
 - ``UPGRADE_APP_TIMEOUT``: seconds a new generation has to be ready (default 60)
 - ``UPGRADE_APP_DASHBOARD``: ``HOST:PORT`` of the dashboard (default: none)
+- ``UPGRADE_APP_HOLD_FILE``: when set, a second service ``held`` runs one job,
+  ``held-<generation>``, until that file exists (the test creates it): a job that
+  holds a generation's drain for as long as the test needs
 """
 
 from __future__ import annotations
@@ -78,6 +81,18 @@ async def http(ctx: nd.ServiceContext) -> None:
         ctx.ready()
         await ctx.wait_draining()
         accepting.cancel_scope.cancel()  # stop accepting; the new generation accepts
+
+
+HOLD_FILE = os.environ.get("UPGRADE_APP_HOLD_FILE", "")
+if HOLD_FILE:
+
+    @sup.service
+    async def held(ctx: nd.ServiceContext) -> None:
+        ctx.ready()
+        async with ctx.job(f"held-{GENERATION}", generation=GENERATION):
+            while not Path(HOLD_FILE).exists():  # the test creates it to release the job
+                await trio.sleep(0.02)
+        await ctx.wait_draining()
 
 
 if __name__ == "__main__":
