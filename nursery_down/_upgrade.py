@@ -215,6 +215,12 @@ class Upgrader:
             raise InvalidTransitionError(
                 f"an upgrade is already under way (new generation pid {self._pending})"
             )
+        if os.getpid() == 1:
+            raise InvalidTransitionError(
+                "cannot upgrade: this process is PID 1 (a container's main process), and "
+                "when it exits the kernel ends every process of the container, the new "
+                "generation too; deploy a new container instead (a rolling update)"
+            )
         if self.predecessor is not None:
             raise InvalidTransitionError(
                 f"cannot upgrade yet: the previous generation (pid {self.predecessor}) is "

@@ -171,6 +171,7 @@ class App:
         token: str | None = TOKEN,
         notify_socket: str | None = None,
         hold: bool = False,
+        prefix: tuple[str, ...] = (),
     ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.log_path = directory / "stderr"
@@ -213,7 +214,7 @@ class App:
         self.given_token = token
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, str(PROGRAM)],
+                [*prefix, sys.executable, str(PROGRAM)],
                 env=env,
                 cwd=directory,
                 stdin=subprocess.DEVNULL,
@@ -877,6 +878,26 @@ def test_sigterm_to_the_draining_old_generation_cuts_its_drain_short(
     assert previous["asked_by"] == "signal SIGUSR2"
     app.release_held_jobs()
     app.terminate(new)
+
+
+def test_an_upgrade_of_a_containers_main_process_is_refused(launch: Callable[..., App]) -> None:
+    unshare = shutil.which("unshare")
+    probe = subprocess.run(
+        [unshare or "unshare", "--pid", "--fork", "true"], capture_output=True, check=False
+    )
+    if unshare is None or probe.returncode != 0:
+        pytest.skip("needs unshare(1) and the right to make a PID namespace (root)")
+    # In a PID namespace of its own the program is PID 1, as a container's main process.
+    app = launch(prefix=(unshare, "--pid", "--fork", "--kill-child"))
+    (program,) = app.wait("the program's process", lambda: children_of(app.first) or None)
+    status, body = app.upgrade_by_api()
+    assert status == 409, body
+    assert "this process is PID 1 (a container's main process)" in body["error"]
+    os.kill(program, signal.SIGUSR2)
+    app.wait_log("signal SIGUSR2: cannot upgrade: this process is PID 1", watch=app.first)
+    assert app.started() == []
+    os.kill(program, signal.SIGTERM)
+    assert app.exit_code(app.first) == 0, app.describe()  # unshare exits as its child did
 
 
 def test_the_browser_follows_an_upgrade_without_a_reload(
