@@ -297,13 +297,20 @@ def _operate(args: argparse.Namespace) -> int:
         else:
             body = {"grace": args.grace} if getattr(args, "grace", None) is not None else {}
             snapshot = client.action(args.command, args.service, body)
+        if args.json:
+            text = json.dumps(snapshot, indent=2)
+        else:
+            try:
+                text = format_status(snapshot, only=getattr(args, "service", None))
+            except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+                raise ClientError(
+                    f"{client.url} answered a snapshot this command cannot read; "
+                    "is --url the dashboard's address?"
+                ) from None
     except ClientError as exc:
         print(f"nursery-down: error: {exc}", file=sys.stderr)  # noqa: T201
         return EXIT_USAGE
-    if args.json:
-        print(json.dumps(snapshot, indent=2))  # noqa: T201
-    else:
-        print(format_status(snapshot, only=getattr(args, "service", None)))  # noqa: T201
+    print(text)  # noqa: T201
     return 0
 
 
