@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import http.client
 import json
 import os
 import re
@@ -54,6 +55,8 @@ from tests.dashboard_helpers import (
     read_response,
     request_bytes,
 )
+from tests.dashboard_helpers import http as dashboard_http
+from tests.polling import wait_for, wait_for_line
 
 pytestmark = pytest.mark.subprocess
 
@@ -299,6 +302,15 @@ class App:
             reap = self.process.poll if pid == self.first else lambda: self._reap(pid)
             self.exit_codes[pid] = self.wait(f"pid {pid} to exit", reap)
         return self.exit_codes[pid]
+
+    @staticmethod
+    def _reap_blocking(pid: int) -> int:
+        """Wait for *pid*, a generation orphaned to us (the subreaper), and reap it."""
+        deadline = time.monotonic() + PATIENCE
+        while (code := App._reap(pid)) is None:
+            assert time.monotonic() < deadline, f"pid {pid} did not exit"
+            time.sleep(0.01)  # polling a process: there is nothing else to wait on
+        return code
 
     @staticmethod
     def _reap(pid: int) -> int | None:
@@ -957,6 +969,90 @@ def test_the_browser_follows_an_upgrade_without_a_reload(
             browser.close()
     assert app.exit_code(old) == 0, app.describe()
     app.terminate(new)
+
+
+HTTP_EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "http_service.py"
+
+
+def test_a_keep_alive_client_of_the_old_generation_finishes_its_request(
+    tmp_path: Path, subreaper: None
+) -> None:
+    log = tmp_path / "service.log"
+    env = {name: value for name, value in os.environ.items() if not name.startswith("NOTIFY")}
+    env.update(
+        HTTP_ADDRESS="127.0.0.1:0",
+        HTTP_GRACE="5",
+        HTTP_DASHBOARD="127.0.0.1:0",
+        NURSERY_DOWN_TOKEN=TOKEN,
+    )
+    with log.open("wb") as output:
+        old = subprocess.Popen(
+            [sys.executable, str(HTTP_EXAMPLE)],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+    new: int | None = None
+    connection = None
+    try:
+        port = int(wait_for_line(log, r"serving on http://127\.0\.0\.1:(\d+)", process=old)[1])
+        dashboard_port = int(wait_for_line(log, URL_LINE.pattern, process=old)[1].rsplit(":")[-1])
+
+        def in_flight() -> list[str]:
+            status, _, body = dashboard_http(dashboard_port, "GET", "/api/snapshot", token=TOKEN)
+            assert status == 200, body
+            return [job["key"] for s in json.loads(body)["services"] for job in s["jobs"]]
+
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=PATIENCE)
+        connection.request("GET", "/work?seconds=0")
+        assert connection.getresponse().read()  # the connection is now kept alive
+        answer: dict[str, Any] = {}
+
+        def slow() -> None:
+            assert connection is not None
+            connection.request("GET", "/work?seconds=2")
+            response = connection.getresponse()
+            answer["status"], answer["body"] = response.status, response.read()
+
+        worker = threading.Thread(target=slow)
+        worker.start()
+        wait_for(lambda: "GET /work" in in_flight(), what="the slow request", process=old)
+        old.send_signal(signal.SIGUSR2)
+        new = int(wait_for_line(log, STARTED.pattern, process=old)[1])
+        wait_for_line(log, re.escape(ready_line(new)), process=old)
+        worker.join(PATIENCE)
+        assert (answer["status"], json.loads(answer["body"])["worked"] >= 2) == (200, True)
+        # The same connection once the drain began: told to go elsewhere (503, closed),
+        # or already closed while idle, which HTTP clients retry on a new connection.
+        try:
+            connection.request("GET", "/work?seconds=0")
+            response = connection.getresponse()
+        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+            pass
+        else:
+            assert (response.status, response.getheader("connection")) == (503, "close")
+            response.read()
+        # A new connection reaches the new generation.
+        fresh = http.client.HTTPConnection("127.0.0.1", port, timeout=PATIENCE)
+        fresh.request("GET", "/work?seconds=0")
+        assert fresh.getresponse().status == 200
+        fresh.close()
+        assert old.wait(PATIENCE) == 0
+        os.kill(new, signal.SIGTERM)
+        assert App._reap_blocking(new) == 0
+        new = None
+        assert "Traceback" not in log.read_text()
+    finally:
+        if connection is not None:
+            connection.close()
+        for pid in (old.pid, new):
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        old.wait(PATIENCE)
+        if new is not None:
+            App._reap_blocking(new)
 
 
 # -- found by these tests, now fixed -------------------------------------------------------
