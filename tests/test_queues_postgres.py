@@ -656,6 +656,23 @@ def test_bad_settings_are_refused(kwargs: dict[str, Any], match: str) -> None:
         PostgresQueue("host=127.0.0.1", **kwargs)
 
 
+def test_without_psycopg_the_error_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "psycopg", None)
+    with pytest.raises(nd.ConfigurationError, match=r"pip install 'nursery-down\[postgres\]'"):
+        PostgresQueue("host=127.0.0.1")
+
+
+def test_the_queues_package_imports_without_psycopg() -> None:
+    code = (
+        "import sys; sys.modules['psycopg'] = sys.modules['psycopg_pool'] = None; "
+        "import nursery_down.queues as q; print(q.PostgresQueue.__name__)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=PATIENCE, check=True
+    )
+    assert result.stdout.strip() == "PostgresQueue"
+
+
 async def test_a_malformed_dsn_is_a_configuration_error() -> None:
     with pytest.raises(nd.ConfigurationError, match="invalid PostgreSQL DSN"):
         await PostgresQueue("this is = not a dsn =").open()

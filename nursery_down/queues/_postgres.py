@@ -212,6 +212,7 @@ class PostgresQueue:
         self._pid = os.getpid()
         self._host = socket.gethostname()
         self._listening = False
+        self._unreachable = False
 
     # -- opening and closing ------------------------------------------------------------
 
@@ -335,7 +336,15 @@ class PostgresQueue:
             token = uuid.uuid4()
             # A thread call that started always delivers its result (a cancellation
             # waits for it), and nothing checkpoints between it and the return.
-            job = await self._call(self._claim_sync, token)
+            try:
+                job = await self._call(self._claim_sync, token)
+            except QueueUnavailableError as exc:
+                # The server went away after the queue opened (a restart, a failover):
+                # wait for it, as the pool reconnects, rather than end the worker pool.
+                self._outage("claims wait", exc)
+                job = None
+            else:
+                self._recovered("claims")
             if job is not None:
                 self._held[id(job)] = (job, token)
                 if self._was_closed():
@@ -466,12 +475,58 @@ class PostgresQueue:
             return
         # Settling is never cut half-way: a job acked, released or failed stays so.
         with trio.CancelScope(shield=True):
-            settled = await self._call(function, job.id, token, *args)
+            settled = await self._settle_patiently(job, action, function, token, *args)
+        if settled is None:
+            return
         if not settled:
             self._lost_count += 1
             self._fenced(job, action)
         elif action != "ack":
             self._wake()
+
+    async def _settle_patiently(
+        self,
+        job: QueuedJob,
+        action: str,
+        function: Callable[..., bool],
+        token: uuid.UUID,
+        *args: Any,
+    ) -> bool | None:
+        """Settle, waiting out an outage of the server for as long as the lease would
+        last; None if it stayed away that long (the lease lapses, the job runs again)."""
+        give_up = trio.current_time() + self.lease
+        while True:
+            try:
+                settled = await self._call(function, job.id, token, *args)
+            except QueueUnavailableError as exc:
+                if trio.current_time() >= give_up:
+                    self._lost_count += 1
+                    logger.warning(
+                        "PostgresQueue %s: could not %s job %d for %g s (%s): its lease "
+                        "lapses and the job will run again",
+                        self.name,
+                        action,
+                        job.id,
+                        self.lease,
+                        exc,
+                    )
+                    return None
+                self._outage("settles wait", exc)
+                await trio.sleep(self.heartbeat)
+            else:
+                self._recovered("settles")
+                return settled
+
+    def _outage(self, what: str, exc: BaseException) -> None:
+        """Log the start of an outage once, not at every try."""
+        if not self._unreachable:
+            self._unreachable = True
+            logger.warning("PostgresQueue %s: %s for the server: %s", self.name, what, exc)
+
+    def _recovered(self, what: str) -> None:
+        if self._unreachable:
+            self._unreachable = False
+            logger.warning("PostgresQueue %s: the server answers again; %s go on", self.name, what)
 
     def _fenced(self, job: QueuedJob, action: str) -> None:
         logger.warning(
@@ -513,10 +568,12 @@ class PostgresQueue:
             await trio.sleep(self.heartbeat)
             try:
                 await self._renew()
-                if await self._call(self._sweep_sync, retry=False):
+                if await self._call(self._sweep_sync):
                     self._wake()
             except Exception as exc:  # a system task must never crash the program
-                logger.warning("PostgresQueue %s: heartbeat failed: %s", self.name, exc)
+                self._outage("the heartbeat waits", exc)
+            else:
+                self._recovered("heartbeats")
 
     async def _renew(self) -> None:
         tokens = [token for _job, token in self._held.values() if token not in self._lost]
@@ -556,13 +613,14 @@ class PostgresQueue:
                     if notified:
                         self._wake()
             except Exception as exc:  # a system task must never crash the program
-                logger.warning(
-                    "PostgresQueue %s: lost the listening connection (%s); claims poll every "
-                    "%g s until it is back",
-                    self.name,
-                    _first_line(exc),
-                    self.poll_interval,
-                )
+                if self._listening:
+                    logger.warning(
+                        "PostgresQueue %s: lost the listening connection (%s); claims poll "
+                        "every %g s until it is back",
+                        self.name,
+                        _first_line(exc),
+                        self.poll_interval,
+                    )
             finally:
                 self._listening = False
                 if connection is not None:
