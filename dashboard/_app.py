@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
+from types import TracebackType
 
 from quart import Response, g, request
 from quart_trio import QuartTrio
@@ -11,7 +13,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from nursery_down import Supervisor
 
 from ._api import register_api
-from ._audit import audit, remote_address
+from ._audit import audit, log_safe, remote_address
 from ._auth import Guard
 from ._body import MAX_BODY_BYTES
 from ._context import EXTENSION, DashboardContext
@@ -20,6 +22,7 @@ from ._metrics import metrics_registry
 from ._pages import register_pages
 from ._responses import error_response
 from ._streams import EventStreams
+from ._throttle import count_wrong_token
 
 #: Paths that check the token themselves (or need none).
 SELF_GUARDED = frozenset({"/", "/login"})
@@ -39,6 +42,22 @@ SECURITY_HEADERS = {
 }
 
 
+class DashboardApp(QuartTrio):
+    """The quart-trio app, logging an unexpected error without the request's own text."""
+
+    def log_exception(
+        self,
+        exception_info: tuple[type, BaseException, TracebackType] | tuple[None, None, None],
+    ) -> None:
+        # Quart's own line would carry the request path as it came: escape it.
+        self.logger.error(
+            "exception on request %s %s",
+            log_safe(request.method),
+            log_safe(request.path),
+            exc_info=exception_info,
+        )
+
+
 def create_app(supervisor: Supervisor, *, token: str, allowed_hosts: Iterable[str]) -> QuartTrio:
     """The dashboard and HTTP API of *supervisor* as an ASGI app (quart-trio).
 
@@ -49,9 +68,9 @@ def create_app(supervisor: Supervisor, *, token: str, allowed_hosts: Iterable[st
     """
     if not token:
         raise ValueError("the dashboard needs a non-empty operator token")
-    app = QuartTrio(__name__)
+    app = DashboardApp(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
-    guard = Guard(token=token, allowed_hosts=frozenset(h.lower() for h in allowed_hosts))
+    guard = Guard(token, frozenset(h.lower() for h in allowed_hosts))
     app.extensions[EXTENSION] = DashboardContext(
         supervisor=supervisor,
         guard=guard,
@@ -74,13 +93,24 @@ def create_app(supervisor: Supervisor, *, token: str, allowed_hosts: Iterable[st
                 f"this dashboard does not answer to the name {host!r}; open it by the "
                 "address it printed, or add the name with NURSERY_DOWN_ALLOWED_HOSTS",
             )
+        address = remote_address(request)
+        if not path.startswith("/static/"):
+            retry = guard.failed_attempts.retry_after(address)
+            if retry is not None:
+                response = await error_response(
+                    request,
+                    429,
+                    f"too many wrong tokens from {address}: try again in {math.ceil(retry)} s",
+                )
+                response.headers["Retry-After"] = str(math.ceil(retry))
+                return response
         unsafe = request.method not in SAFE_METHODS
         if unsafe:
             reason = guard.cross_site(request.headers, host)
             if reason is not None:
                 audit(
                     f"{request.method} {path}",
-                    f"unknown {remote_address(request)}",
+                    f"unknown {address}",
                     f"refused 403: {reason}",
                 )
                 return await error_response(
@@ -88,12 +118,12 @@ def create_app(supervisor: Supervisor, *, token: str, allowed_hosts: Iterable[st
                 )
         if path in SELF_GUARDED or path.startswith("/static/"):
             return None
-        credential = guard.credential(request.headers, request.cookies)
+        credential = guard.credential(request.headers, request.cookies, host)
         if credential is None:
+            if guard.presented_token(request.headers):
+                count_wrong_token(guard.failed_attempts, address)
             if unsafe:
-                audit(
-                    f"{request.method} {path}", f"unknown {remote_address(request)}", "refused 401"
-                )
+                audit(f"{request.method} {path}", f"unknown {address}", "refused 401")
             response = await error_response(
                 request,
                 401,

@@ -27,7 +27,7 @@ from nursery_down import ConfigurationError, Supervisor, listener
 
 from ._address import USER_TIMEOUT_MS, format_host, resolve_address
 from ._app import create_app
-from ._auth import allowed_host_headers
+from ._auth import MIN_TOKEN_LENGTH, allowed_host_headers
 from ._context import dashboard_context
 
 #: Seconds hypercorn gives unfinished requests once shutdown began.
@@ -72,10 +72,10 @@ async def serve_dashboard(
 
     *address* is ``"HOST:PORT"`` (port 0: any free port). The operator token is
     *token*, else ``$NURSERY_DOWN_TOKEN``, else a new random one. A host other than
-    a loopback address is refused unless a token was given, since anyone who can
-    reach the port could otherwise drain the services. *allowed_hosts* (default:
-    ``$NURSERY_DOWN_ALLOWED_HOSTS``, comma-separated) adds names that the Host header
-    may carry, e.g. when a reverse proxy serves the dashboard.
+    a loopback address is refused unless a token of 16 characters or more was given,
+    since anyone who can reach the port could otherwise drain the services.
+    *allowed_hosts* (default: ``$NURSERY_DOWN_ALLOWED_HOSTS``, comma-separated) adds
+    names that the Host header may carry, e.g. when a reverse proxy serves the dashboard.
 
     Prints one line to stderr with the address to open (with ``?token=`` unless the
     token came from the caller or the environment) and passes a
@@ -93,6 +93,13 @@ async def serve_dashboard(
             f"refusing to serve the dashboard on {address!r} without NURSERY_DOWN_TOKEN: "
             "anyone who can reach that address could drain the services; set "
             "NURSERY_DOWN_TOKEN to a long random secret (e.g. the output of "
+            "python -c 'import secrets; print(secrets.token_urlsafe(32))') or bind 127.0.0.1"
+        )
+    if not where.loopback and given is not None and len(given.strip()) < MIN_TOKEN_LENGTH:
+        raise ConfigurationError(
+            f"refusing to serve the dashboard on {address!r} with a token of "
+            f"{len(given.strip())} characters: anyone who can reach that address could "
+            f"guess it; use at least {MIN_TOKEN_LENGTH} (e.g. the output of "
             "python -c 'import secrets; print(secrets.token_urlsafe(32))') or bind 127.0.0.1"
         )
     operator_token = given or secrets.token_urlsafe(32)
