@@ -693,7 +693,6 @@ class PostgresQueue:
             kwargs={"autocommit": True},
             open=False,
             timeout=self.connect_timeout,
-            reconnect_timeout=0,  # never give up: the server may come back
             name=f"nursery_down {self.name}",
         )
         pool.open()
