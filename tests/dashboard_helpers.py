@@ -92,15 +92,21 @@ class Program:
 
 @contextmanager
 def run_program(
-    tmp_path: Path, *, address: str = "127.0.0.1:0", token: str | None = TOKEN, **env: str
+    tmp_path: Path,
+    *,
+    address: str = "127.0.0.1:0",
+    token: str | None = TOKEN,
+    target: str = TARGET,
+    **env: str,
 ) -> Iterator[Program]:
-    """Start the program with a dashboard; wait for its URL line; kill it if still running."""
+    """Start the program (*target*) with a dashboard; wait for its URL line; kill it if
+    still running."""
     environment = {k: v for k, v in os.environ.items() if not k.startswith("NURSERY_DOWN_")}
     if token is not None:
         environment["NURSERY_DOWN_TOKEN"] = token
     environment.update(env)
     stderr_path = tmp_path / f"stderr-{time.monotonic_ns()}.txt"
-    command = [sys.executable, "-m", "nursery_down", "run", TARGET, "--dashboard", address]
+    command = [sys.executable, "-m", "nursery_down", "run", target, "--dashboard", address]
     with stderr_path.open("wb") as stderr:
         process = subprocess.Popen(
             command, stderr=stderr, stdout=subprocess.DEVNULL, env=environment

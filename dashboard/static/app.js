@@ -277,19 +277,32 @@
   function connect() {
     retryTimer = null;
     const source = new EventSource("/api/events");
-    source.addEventListener("open", () => {
-      retryDelay = 500;
-      setConnection("live", "Live");
-    });
-    source.addEventListener("snapshot", (message) => applySnapshot(JSON.parse(message.data)));
-    source.addEventListener("event", (message) => addEvent(JSON.parse(message.data)));
+    // Live only while updates are read and shown: an open stream whose messages the
+    // page cannot use is not live, and the page says so instead of freezing.
+    const use = (apply) => (message) => {
+      const previous = latest;
+      try {
+        apply(JSON.parse(message.data));
+      } catch (error) {
+        latest = previous;
+        source.close();
+        scheduleReconnect(`an update could not be read (${error.message})`);
+        return;
+      }
+      if (connection.dataset.connection !== "live") {
+        retryDelay = 500;
+        setConnection("live", "Live");
+      }
+    };
+    source.addEventListener("snapshot", use(applySnapshot));
+    source.addEventListener("event", use(addEvent));
     source.addEventListener("error", () => {
       source.close();
       scheduleReconnect();
     });
   }
 
-  async function scheduleReconnect() {
+  async function scheduleReconnect(problem) {
     if (retryTimer !== null) return;
     let signedOut = false;
     try {
@@ -303,7 +316,8 @@
       return;
     }
     const seconds = Math.round(retryDelay / 100) / 10;
-    setConnection("reconnecting", `Disconnected; reconnecting in ${seconds} s…`);
+    const why = problem ? `Not live: ${problem}` : "Disconnected";
+    setConnection("reconnecting", `${why}; reconnecting in ${seconds} s…`);
     retryTimer = setTimeout(connect, retryDelay);
     retryDelay = Math.min(retryDelay * 2, 10000);
   }
