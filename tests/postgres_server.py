@@ -41,6 +41,8 @@ class Server:
     log: Path | None = None
     port: int = 0
     socket_dir: Path | None = None
+    #: fsync off is fine for functional tests; benchmarks that report figures turn it on.
+    fsync: bool = False
     _as_postgres: list[str] = field(default_factory=list)
 
     @property
@@ -76,7 +78,10 @@ class Server:
         assert self.data is not None
         assert self.bindir is not None
         assert self.log is not None
-        options = f"-k {self.socket_dir} -p {self.port} -c listen_addresses=127.0.0.1 -c fsync=off"
+        options = (
+            f"-k {self.socket_dir} -p {self.port} -c listen_addresses=127.0.0.1"
+            f" -c fsync={'on' if self.fsync else 'off'}"
+        )
         command = [
             *self._as_postgres,
             str(self.bindir / "pg_ctl"),
@@ -117,8 +122,11 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def start_server() -> Server:
-    """The server of :data:`DSN_ENV`, or a throwaway cluster; :class:`NoServerError` if none."""
+def start_server(*, fsync: bool = False) -> Server:
+    """The server of :data:`DSN_ENV`, or a throwaway cluster; :class:`NoServerError` if none.
+
+    *fsync* sets the throwaway cluster's ``fsync`` (off: fast, for functional tests).
+    """
     try:
         import psycopg
     except ImportError:
@@ -178,6 +186,7 @@ def start_server() -> Server:
         log=log,
         port=port,
         socket_dir=sockets,
+        fsync=fsync,
         _as_postgres=as_postgres,
     )
     try:

@@ -196,6 +196,9 @@ class PostgresQueue:
         self._where = _describe_dsn(dsn)
         self._pool: psycopg_pool.ConnectionPool[Any] | None = None
         self._limiter: trio.CapacityLimiter | None = None
+        # Claims have a thread and a connection of their own: a worker pool's one
+        # producer must not wait behind its twenty workers' acks to hand out the next job.
+        self._claim_limiter: trio.CapacityLimiter | None = None
         self._open_lock: trio.Lock | None = None
         self._wakeup: trio.Event | None = None
         self._closed = False
@@ -229,6 +232,7 @@ class PostgresQueue:
         if self._open_lock is None:
             self._open_lock = trio.Lock()
             self._limiter = trio.CapacityLimiter(self.pool_size)
+            self._claim_limiter = trio.CapacityLimiter(1)
         async with self._open_lock:
             if self._pool is not None:
                 return
@@ -337,7 +341,7 @@ class PostgresQueue:
             # A thread call that started always delivers its result (a cancellation
             # waits for it), and nothing checkpoints between it and the return.
             try:
-                job = await self._call(self._claim_sync, token)
+                job = await self._call(self._claim_sync, token, limiter=self._claim_limiter)
             except QueueUnavailableError as exc:
                 # The server went away after the queue opened (a restart, a failover):
                 # wait for it, as the pool reconnects, rather than end the worker pool.
@@ -442,7 +446,13 @@ class PostgresQueue:
                 )
             await self.open()
 
-    async def _call(self, function: Callable[..., T], *args: Any, retry: bool = True) -> T:
+    async def _call(
+        self,
+        function: Callable[..., T],
+        *args: Any,
+        retry: bool = True,
+        limiter: trio.CapacityLimiter | None = None,
+    ) -> T:
         """Run ``function(connection, *args)`` in a worker thread on a pooled connection.
 
         With *retry* (the call changes nothing twice: it is fenced on a lease, or only
@@ -453,7 +463,7 @@ class PostgresQueue:
         if self._pool is None:
             raise trio.ClosedResourceError("this PostgresQueue was closed")
         return await trio.to_thread.run_sync(
-            functools.partial(self._run, function, args, retry), limiter=self._limiter
+            functools.partial(self._run, function, args, retry), limiter=limiter or self._limiter
         )
 
     async def _settle(
@@ -689,7 +699,7 @@ class PostgresQueue:
         pool = psycopg_pool.ConnectionPool(
             self.dsn,
             min_size=1,
-            max_size=self.pool_size,
+            max_size=self.pool_size + 1,  # one for claims
             kwargs={"autocommit": True},
             open=False,
             timeout=self.connect_timeout,
@@ -1070,7 +1080,8 @@ class _Statements:
             "  FROM next WHERE j.id = next.id RETURNING j.id, j.payload, j.attempts),"
             f" logged AS ({log} SELECT id, 'claim', extract(epoch from now()), %(pid)s, NULL"
             "  FROM claimed)"
-            " SELECT id, payload, attempts FROM claimed"
+            " SELECT id, payload, attempts, set_config('synchronous_commit', 'off', true)"
+            " FROM claimed"
         )
         self.ack = (
             f"WITH gone AS (DELETE FROM {jobs}"
