@@ -150,10 +150,12 @@ def create_app(supervisor: Supervisor, *, token: str, allowed_hosts: Iterable[st
         message = error.description or error.name
         if isinstance(error, MethodNotAllowed) and error.valid_methods:
             allowed = ", ".join(sorted(error.valid_methods))
-            message = f"{request.method} is not allowed on {request.path}; use {allowed}"
+            where = log_safe(request.path)
+            message = f"{log_safe(request.method)} is not allowed on {where}; use {allowed}"
         elif isinstance(error, NotFound):
             message = (
-                f"nothing at {request.path}; the API is GET /api/snapshot, GET /api/events, "
+                f"nothing at {log_safe(request.path)}; the API is GET /api/snapshot, "
+                "GET /api/events, "
                 "POST /api/drain, /api/restart, /api/escalate, /api/extend-grace and "
                 "POST /api/services/<name>/{drain,start,restart,escalate}"
             )
