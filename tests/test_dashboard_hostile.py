@@ -77,13 +77,16 @@ class Served:
     async def raw(
         self, method: str, path: str, *, token: str | None = None, **headers: str
     ) -> tuple[int, bytes]:
-        """One raw HTTP/1.1 request; (status, body)."""
-        request = request_bytes(self.port, method, path, token=token, headers=headers)
+        """One raw HTTP/1.1 request (header values sent as latin-1); (status, body)."""
+        fields = {"Host": f"127.0.0.1:{self.port}", "Connection": "close", **headers}
+        if token is not None:
+            fields["Authorization"] = f"Bearer {token}"
+        if method == "POST":
+            fields["Content-Length"] = "0"
+        lines = [f"{method} {path} HTTP/1.1", *(f"{k}: {v}" for k, v in fields.items())]
         stream = await trio.open_tcp_stream("127.0.0.1", self.port)
         async with stream:
-            await stream.send_all(
-                request.replace(b"HTTP/1.1\r\n", b"HTTP/1.1\r\nConnection: close\r\n", 1)
-            )
+            await stream.send_all(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
             data = b""
             while chunk := await stream.receive_some():
                 data += chunk
@@ -145,6 +148,9 @@ async def test_request_data_cannot_write_a_log_line_of_its_own(
         assert status == 404
         # A wrong token in the query: the sign-in refusal is audited.
         assert (await served.raw("GET", f"/?token=x{breaker}{forged}"))[0] == 401
+        # A Host of another name: refused 421 (and nothing of it logged as a line).
+        status, _ = await served.raw("GET", "/api/snapshot", token=TOKEN, Host="a\xe2\x80\xa8b")
+        assert status == 421
     messages = [record.getMessage() for record in caplog.records]
     audit = [r.getMessage() for r in caplog.records if r.name == "nursery_down.audit"]
     assert len(audit) == 4, audit
