@@ -323,8 +323,9 @@ class Supervisor:
         Intake stops at once; in-flight jobs finish until *grace* seconds from now
         (default: the service's, else the supervisor's grace), then are hard-cancelled.
         Returns as soon as the drain began; :meth:`wait_state` or :meth:`wait_finished`
-        wait for the end. Draining something already draining, or a service that is
-        not running, changes nothing.
+        wait for the end. Draining something already draining moves its deadline to
+        *grace* from now if that is earlier, never later (:meth:`extend_grace` does);
+        draining a service that is not running changes nothing.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         self.drain_nowait(name, grace=grace, actor=actor)
@@ -455,7 +456,11 @@ class Supervisor:
     async def extend_grace(
         self, seconds: float, name: str | None = None, *, actor: str = "code"
     ) -> None:
-        """Move the grace deadline *seconds* later, for one draining service or the whole app."""
+        """Move the grace deadline *seconds* later, for one draining service or the whole app.
+
+        At most a day per call, and no deadline more than a week from now: beyond that,
+        :class:`ConfigurationError` (nothing moves).
+        """
         await trio.lowlevel.checkpoint_if_cancelled()
         self.extend_grace_nowait(seconds, name, actor=actor)
         await trio.lowlevel.cancel_shielded_checkpoint()
