@@ -512,6 +512,21 @@ async def test_a_live_holder_keeps_its_jobs_however_long_they_run(dsn: str) -> N
         assert await holder.statistics() == stats(done=1)
 
 
+async def test_one_process_of_the_fleet_sweeps_at_a_time(dsn: str) -> None:
+    from nursery_down.queues._postgres import LOCK_SPACE, _Statements
+
+    async with PostgresQueue(dsn) as queue:
+        await queue.put(1)
+        await take_lease(dsn, await claim(queue))
+        with psycopg.connect(dsn, autocommit=True) as sweeping:
+            # Another process sweeping right now holds the queue's sweep lock.
+            key = _Statements("default").sweep_key
+            sweeping.execute("SELECT pg_advisory_lock(%s, %s)", (LOCK_SPACE, key))
+            assert await queue.sweep() == 0
+            sweeping.execute("SELECT pg_advisory_unlock(%s, %s)", (LOCK_SPACE, key))
+        assert await queue.sweep() == 1
+
+
 async def test_done_rows_are_kept_for_keep_done_seconds_then_deleted(dsn: str) -> None:
     async with PostgresQueue(dsn, keep_done=0.3) as queue:
         await queue.put(1)
@@ -769,5 +784,74 @@ async def test_a_server_restart_in_the_middle_of_work_loses_nothing(
             await running.drain()
         assert await queue.statistics() == stats(done=300)
         assert await queue.pending() == []
+        # The outage was shorter than the lease: every lease survived it.
+        assert queue.lost_leases == 0
     assert sorted(acked) == ids
     assert restarted.is_set()
+    assert sql(dsn, "SELECT count(*) FROM ndq_default_history WHERE event = 'recover'") == [(0,)]
+
+
+@pytest.mark.subprocess
+async def test_a_paused_worker_loses_its_leases_after_the_lease_and_its_late_acks_are_fenced(
+    dsn: str, ledger: Path, tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    async with PostgresQueue(dsn, name="jobs") as queue:
+        ids = await queue.put_many([{"ms": 300}] * 2)
+        output = tmp_path / "output"
+        with open(output, "wb") as sink:
+            worker = subprocess.Popen(
+                [str(CLI), "run", f"{PROGRAM}:sup", "--no-dashboard"],
+                env={
+                    **os.environ,
+                    "PG_WORKER_DSN": dsn,
+                    "PG_WORKER_LEDGER": str(ledger),
+                    "PG_WORKER_LEASE": "1.5",
+                    "PG_WORKER_HEARTBEAT": "0.3",
+                },
+                stdin=subprocess.DEVNULL,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+            )
+        processes.append(worker)
+
+        def ledger_lines(kind: str) -> list[str]:
+            lines = ledger.read_text().split("\n") if ledger.exists() else []
+            return [line for line in lines if line.startswith(f"{kind} ")]
+
+        async def all_started() -> bool:
+            await trio.lowlevel.checkpoint()
+            assert worker.poll() is None, output.read_text()
+            return len(ledger_lines("start")) == len(ids)
+
+        await eventually(all_started, "the worker to start every job")
+        worker.send_signal(signal.SIGSTOP)  # paused: its connections stay open
+        try:
+            # Its lock stays held, so only the lease's expiry gives the jobs back.
+            again = [await claim(queue) for _ in ids]
+            assert sorted(job.id for job in again) == ids
+        finally:
+            worker.send_signal(signal.SIGCONT)
+
+        async def finished_late() -> bool:
+            await trio.lowlevel.checkpoint()
+            return len(ledger_lines("done")) == len(ids)
+
+        await eventually(finished_late, "the paused worker to finish its jobs")
+
+        async def fenced() -> bool:
+            await trio.lowlevel.checkpoint()
+            return output.read_text().count("changed nothing") == len(ids)
+
+        await eventually(fenced, "the worker to log its fenced acks")
+        # Its late acks changed nothing: the jobs are ours, and its pool runs on.
+        assert await queue.statistics() == stats(leased=len(ids))
+        assert worker.poll() is None, output.read_text()
+        for job in again:
+            await queue.ack(job)
+        assert await queue.statistics() == stats(done=len(ids))
+    rows = sql(
+        dsn, "SELECT event, pid, detail FROM ndq_jobs_history WHERE event IN ('ack', 'recover')"
+    )
+    assert sorted(event for event, _, _ in rows) == ["ack", "ack", "recover", "recover"]
+    assert all(pid == os.getpid() for event, pid, _ in rows if event == "ack")
+    assert all("expired" in detail for event, _, detail in rows if event == "recover")

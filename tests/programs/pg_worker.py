@@ -9,7 +9,8 @@ Service ``workers`` is a worker pool over the PostgresQueue named ``PG_WORKER_NA
 (``jobs``). Each job's payload is ``{"ms": <milliseconds>}``: the handler appends
 ``start <job id> <pid> <time>`` to the ledger, sleeps that long, then appends
 ``done <job id> <pid> <time>`` (one write system call each, so a SIGKILL never
-leaves half a line). ``PG_WORKER_WORKERS`` sets the worker tasks (4).
+leaves half a line). ``PG_WORKER_WORKERS`` sets the worker tasks (4),
+``PG_WORKER_LEASE`` and ``PG_WORKER_HEARTBEAT`` the queue's lease and heartbeat (30, 1).
 """
 
 from __future__ import annotations
@@ -22,7 +23,12 @@ import trio
 import nursery_down as nd
 from nursery_down.queues import PostgresQueue, QueuedJob
 
-queue = PostgresQueue(os.environ["PG_WORKER_DSN"], name=os.environ.get("PG_WORKER_NAME", "jobs"))
+queue = PostgresQueue(
+    os.environ["PG_WORKER_DSN"],
+    name=os.environ.get("PG_WORKER_NAME", "jobs"),
+    lease=float(os.environ.get("PG_WORKER_LEASE", "30")),
+    heartbeat=float(os.environ.get("PG_WORKER_HEARTBEAT", "1")),
+)
 _ledger = os.open(os.environ["PG_WORKER_LEDGER"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
 
