@@ -39,9 +39,11 @@ logger = logging.getLogger("nursery_down")
 #: written by a newer nursery_down, is refused rather than misread.
 SCHEMA_VERSION: Final = 1
 
-#: First key of every advisory lock a PostgresQueue takes ("ndq"), so that it does not
-#: meet another program's locks.
-LOCK_SPACE: Final = 0x6E6471
+#: First key of the advisory lock each open queue object holds for its life ("ndq"),
+#: the second being its holder number: so that it does not meet another program's locks.
+HOLDER_SPACE: Final = 0x6E6471
+#: First key of the short locks (creating the tables, sweeping), apart from the holders'.
+LOCK_SPACE: Final = HOLDER_SPACE + 1
 
 #: One row of :meth:`PostgresQueue.history`: (job id, event, time, pid, detail), the
 #: fields of :class:`nursery_down.testing.JobEvent` in order.
@@ -713,7 +715,7 @@ class PostgresQueue:
         with connection.transaction():
             # One creator at a time across the fleet: concurrent CREATE TABLE IF NOT
             # EXISTS can still collide.
-            connection.execute("SELECT pg_advisory_xact_lock(%s, 1)", (LOCK_SPACE,))
+            connection.execute("SELECT pg_advisory_xact_lock(%s::int, 1)", (LOCK_SPACE,))
             exists = connection.execute("SELECT to_regclass(%s)", (sql.meta,)).fetchone()
             if exists is None or exists[0] is None:
                 for statement in sql.schema:
@@ -753,7 +755,7 @@ class PostgresQueue:
             raise self._unavailable(exc) from None
         try:
             row = connection.execute(
-                "SELECT pg_try_advisory_lock(%s::int, %s::int)", (LOCK_SPACE, self._holder)
+                "SELECT pg_try_advisory_lock(%s::int, %s::int)", (HOLDER_SPACE, self._holder)
             ).fetchone()
             if row is None or not row[0]:
                 raise QueueError(
@@ -856,7 +858,7 @@ class PostgresQueue:
             if row is None or not row[0]:
                 return 0  # another process is sweeping right now
             recovered = connection.execute(
-                sql.recover, {"silence": 2 * self.heartbeat, "ns": LOCK_SPACE}
+                sql.recover, {"silence": 2 * self.heartbeat, "ns": HOLDER_SPACE}
             ).fetchall()
             if recovered:
                 connection.cursor().executemany(
