@@ -69,8 +69,13 @@ class Server:
         self._pg_ctl("restart", "-m", "fast")
 
     def stop(self) -> None:
+        """Stop the server at once, as a crash would (it recovers at the next start)."""
         if self.owned:
             self._pg_ctl("stop", "-m", "immediate")
+
+    def start(self) -> None:
+        """Start a server stopped with :meth:`stop` again."""
+        self._pg_ctl("start")
 
     def _pg_ctl(self, action: str, *args: str) -> None:
         if not self.owned:

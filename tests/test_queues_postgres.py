@@ -792,6 +792,31 @@ async def test_a_server_restart_in_the_middle_of_work_loses_nothing(
 
 
 @pytest.mark.subprocess
+async def test_while_the_server_is_down_calls_raise_unavailable_then_work_again(
+    dsn: str, postgres_server: Server
+) -> None:
+    if not postgres_server.owned:
+        pytest.skip("the server of $NURSERY_DOWN_TEST_POSTGRES is not ours to stop")
+    async with PostgresQueue(dsn, connect_timeout=1) as queue:
+        await queue.put(1)
+        await trio.to_thread.run_sync(postgres_server.stop)
+        try:
+            with pytest.raises(QueueUnavailableError, match="check that the server runs"):
+                await queue.put(2)
+            with pytest.raises(QueueUnavailableError, match=r"127\.0\.0\.1"):
+                await queue.statistics()
+        finally:
+            await trio.to_thread.run_sync(postgres_server.start)
+        # The pool reconnects by itself: the same queue object works again.
+        await queue.put(3)
+        jobs = [await claim(queue), await claim(queue)]
+        assert [job.payload for job in jobs] == [1, 3]
+        for job in jobs:
+            await queue.ack(job)
+        assert await queue.statistics() == stats(done=2)
+
+
+@pytest.mark.subprocess
 async def test_a_paused_worker_loses_its_leases_after_the_lease_and_its_late_acks_are_fenced(
     dsn: str, ledger: Path, tmp_path: Path, processes: list[subprocess.Popen[bytes]]
 ) -> None:
