@@ -22,8 +22,11 @@ from ._events import Subscription as Subscription
 from ._exceptions import ConfigurationError as ConfigurationError
 from ._exceptions import DependencyCycleError as DependencyCycleError
 from ._exceptions import DrainingError as DrainingError
+from ._exceptions import FleetError as FleetError
+from ._exceptions import FleetUnavailableError as FleetUnavailableError
 from ._exceptions import InvalidTransitionError as InvalidTransitionError
 from ._exceptions import NurseryDownError as NurseryDownError
+from ._exceptions import UnknownProcessError as UnknownProcessError
 from ._exceptions import UnknownServiceError as UnknownServiceError
 from ._exceptions import UpgradeError as UpgradeError
 from ._jobs import Job as Job
@@ -54,6 +57,8 @@ __all__ = [
     "DependencyCycleError",
     "DrainingError",
     "Event",
+    "FleetError",
+    "FleetUnavailableError",
     "InvalidTransitionError",
     "Job",
     "NurseryDownError",
@@ -62,6 +67,7 @@ __all__ = [
     "ServiceState",
     "Subscription",
     "Supervisor",
+    "UnknownProcessError",
     "UnknownServiceError",
     "UpgradeError",
     "listener",

@@ -10,6 +10,9 @@ Every error a user can see derives from :class:`NurseryDownError`, so one
     ├── InvalidTransitionError      an action that the service's current state does not allow
     ├── DrainingError               a job was entered after its service began draining
     ├── UpgradeError                the new generation of an upgrade did not become ready
+    ├── FleetError                  the fleet's database refused what was asked
+    │   ├── FleetUnavailableError   the fleet's database cannot be reached
+    │   └── UnknownProcessError     a fleet action named a process the fleet does not list
     └── QueueError                  a job source cannot do what was asked
         ├── QueueCorruptError       the queue file is not a queue database, or is damaged
         ├── QueueLockedError        another process holds the queue file's lock too long
@@ -122,3 +125,28 @@ class QueueSchemaError(QueueError):
     version the rest of the fleet runs. Tables that nursery_down did not write are
     never touched: give the queue another name.
     """
+
+
+class FleetError(NurseryDownError):
+    """The fleet's database refused what was asked; the message says what and where."""
+
+
+class FleetUnavailableError(FleetError):
+    """The fleet's database cannot be reached.
+
+    The process keeps running and reports again once the database answers; check
+    that PostgreSQL runs at the fleet's address and accepts connections from this host.
+    """
+
+
+class UnknownProcessError(FleetError, LookupError):
+    """A fleet action named a process id that the fleet does not list.
+
+    Processes are listed by ``nursery-down fleet`` and ``GET /api/fleet``; a process
+    that ended more than an hour ago is no longer listed.
+    """
+
+    def __init__(self, process_id: str) -> None:
+        self.process_id = process_id
+        shown = process_id if len(process_id) <= 40 else process_id[:40] + "..."
+        super().__init__(f"no process {shown!r} in the fleet; list them with 'nursery-down fleet'")

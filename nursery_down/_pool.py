@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -83,6 +84,7 @@ def worker_pool(
     async def pool(ctx: ServiceContext) -> None:
         await _run_pool(ctx, source, handler, workers)
 
+    _sources[pool] = source
     pool.__name__ = pool.__qualname__ = name or "worker_pool"
     pool.__doc__ = f"A pool of {workers} workers running {getattr(handler, '__name__', 'jobs')}."
     return pool
@@ -272,3 +274,15 @@ def _fast_path(source: JobSource, name: str) -> Callable[..., Any] | None:
     """
     method = getattr(source, name, None)
     return method if callable(method) else None
+
+
+#: The source of each service function worker_pool made (the fleet reports its figures).
+_sources: weakref.WeakKeyDictionary[Callable[..., Any], JobSource] = weakref.WeakKeyDictionary()
+
+
+def source_of(function: Callable[..., Any]) -> JobSource | None:
+    """The job source of a service function made by :func:`worker_pool`, else None."""
+    try:
+        return _sources.get(function)
+    except TypeError:  # not weakly referenceable: not one of ours
+        return None

@@ -16,6 +16,7 @@ import trio
 
 from ._budget import check_seconds, grace_budget
 from ._exceptions import ConfigurationError, NurseryDownError
+from ._fleet import FleetMember, fleet_database, fleet_sources
 from ._notify import serve_notify
 from ._signals import HupAction, holding_signals, serve_signals
 from ._supervisor import EXIT_FAILED, EXIT_USAGE, Supervisor
@@ -40,6 +41,7 @@ async def open_supervisor(
     upgrade_cwd: str | None = None,
     upgrade_timeout: float = DEFAULT_TIMEOUT,
     pid_file: str | None = None,
+    fleet: str | bool | None = None,
 ) -> AsyncIterator[Supervisor]:
     """Run *supervisor* inside an existing trio program for the duration of the block.
 
@@ -64,6 +66,12 @@ async def open_supervisor(
     every service, or ``"upgrade"``. :func:`nursery_down.run` turns upgrades on.
     *pid_file* is written with this process's pid at start, replaced atomically with
     the new generation's pid at an upgrade, and removed at exit if it still names us.
+
+    *fleet* is the PostgreSQL database (a connection string) of the fleet this
+    process joins: it reports itself there and obeys the actions the fleet page of
+    any process asks of it. By default (None) it is ``$NURSERY_DOWN_FLEET``, else the
+    database of the first :class:`~nursery_down.queues.PostgresQueue` a worker pool
+    uses; False joins no fleet.
     """
     if pre_drain is not None:
         supervisor.pre_drain = check_seconds("pre-drain delay", pre_drain)
@@ -97,11 +105,16 @@ async def open_supervisor(
         )
         supervisor._upgrade = upgrader.upgrade
         supervisor._previous_generation = upgrader.previous_generation
+    member = None
+    database = fleet_database(supervisor, fleet)
+    if database is not None:
+        member = FleetMember(supervisor, database, sources=fleet_sources(supervisor))
+        supervisor._fleet = member
     if pid_file is not None:
         write_pid_file(pid_file, os.getpid())
     try:
         async with _running(
-            supervisor, dashboard, handle_signals, notify, on_hup, upgrader
+            supervisor, dashboard, handle_signals, notify, on_hup, upgrader, member
         ) as running:
             yield running
     finally:
@@ -117,8 +130,12 @@ async def _running(
     notify: bool,
     on_hup: HupAction,
     upgrader: Upgrader | None,
+    member: FleetMember | None,
 ) -> AsyncIterator[Supervisor]:
     async with trio.open_nursery() as outer:
+        if member is not None:
+            # In the background: the fleet's database never holds the program back.
+            await outer.start(member.serve)
         if handle_signals:
             # First, and last to go: no signal may arrive unowned while services start
             # or while the dashboard shuts down.
@@ -204,6 +221,7 @@ def run(
     upgrade_cwd: str | None = None,
     upgrade_timeout: float = DEFAULT_TIMEOUT,
     pid_file: str | None = None,
+    fleet: str | bool | None = None,
 ) -> int:
     """Run *supervisor* until it drains, and return the process exit code.
 
@@ -225,7 +243,8 @@ def run(
     ``on_hup="upgrade"``), ``POST /api/upgrade`` or ``nursery-down upgrade`` start the
     next generation with the :func:`nursery_down.listener` sockets; once it is ready,
     this one drains and exits. *upgrade_argv*, *upgrade_cwd*, *upgrade_timeout* and
-    *pid_file* are as for :func:`open_supervisor`.
+    *pid_file* are as for :func:`open_supervisor`, and so is *fleet*, the PostgreSQL
+    database of the fleet this process joins.
     """
     if grace is not None:
         supervisor.grace = require_seconds("grace", grace)
@@ -257,6 +276,7 @@ def run(
             upgrade_cwd=upgrade_cwd,
             upgrade_timeout=upgrade_timeout,
             pid_file=pid_file,
+            fleet=fleet,
         ) as running:
             # Everything allocated while starting lives as long as the program: keep it
             # out of the collector's way, so full collections stay short (they are

@@ -108,6 +108,9 @@ class Supervisor:
         self._upgrade: Callable[[str], Awaitable[int]] | None = None
         # Set by nd.run: what this generation knows of the one it replaced, if any.
         self._previous_generation: Callable[[], dict[str, Any] | None] | None = None
+        # Set by open_supervisor when this process is in a fleet: its FleetMember, which
+        # the dashboard's fleet page uses (typed loosely: _fleet imports this module).
+        self._fleet: Any = None
 
     # -- defining services ------------------------------------------------------------
 

@@ -35,6 +35,7 @@ from typing import Any
 import trio
 
 from ._exceptions import ConfigurationError, InvalidTransitionError, UpgradeError
+from ._fleet import GENERATION_ENV, current_generation
 from ._generations import (
     LINE_LIMIT,
     REPORT_INTERVAL,
@@ -232,6 +233,7 @@ class Upgrader:
         environment = dict(os.environ)
         environment[LISTENERS_ENV] = encode_listeners(listeners)
         environment[UPGRADE_ENV] = f"{ready_write},{alive_read},{os.getpid()}"
+        environment[GENERATION_ENV] = str(current_generation() + 1)
         if "NURSERY_DOWN_TOKEN" not in environment and self.dashboard_token is not None:
             # The browser's session must stay valid in the new generation.
             environment["NURSERY_DOWN_TOKEN"] = self.dashboard_token
