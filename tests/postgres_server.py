@@ -64,18 +64,30 @@ class Server:
             connection.execute(f"CREATE DATABASE {name} TEMPLATE template0")
         return self.dsn_for(name)
 
-    def restart(self) -> None:
-        """Restart the server (fast shutdown: sessions are ended, data kept)."""
-        self._pg_ctl("restart", "-m", "fast")
+    def restart(self, mode: str = "fast") -> None:
+        """Restart the server: "fast" ends the sessions and writes everything first;
+        "immediate" stops it as a crash would (it recovers from its log at the start)."""
+        self._pg_ctl("restart", "-m", mode)
 
-    def stop(self) -> None:
-        """Stop the server at once, as a crash would (it recovers at the next start)."""
+    def stop(self, mode: str = "immediate") -> None:
+        """Stop the server: at once, as a crash would (it recovers at the next start), or
+        with *mode* ``"fast"``, cleanly (sessions are ended, everything is written)."""
         if self.owned:
-            self._pg_ctl("stop", "-m", "immediate")
+            self._pg_ctl("stop", "-m", mode)
 
     def start(self) -> None:
         """Start a server stopped with :meth:`stop` again."""
         self._pg_ctl("start")
+
+    def dsn_reachable(self) -> bool:
+        """True if the server accepts connections now."""
+        import psycopg
+
+        try:
+            psycopg.connect(self.dsn, connect_timeout=2).close()
+        except psycopg.OperationalError:
+            return False
+        return True
 
     def _pg_ctl(self, action: str, *args: str) -> None:
         if not self.owned:
