@@ -17,6 +17,7 @@ from ._audit import audit, log_safe, remote_address
 from ._auth import Guard
 from ._body import MAX_BODY_BYTES
 from ._context import EXTENSION, DashboardContext
+from ._fleet import register_fleet
 from ._health import OPEN_PATHS, register_health
 from ._metrics import metrics_registry
 from ._pages import register_pages
@@ -157,7 +158,8 @@ def create_app(supervisor: Supervisor, *, token: str, allowed_hosts: Iterable[st
                 f"nothing at {log_safe(request.path)}; the API is GET /api/snapshot, "
                 "GET /api/events, "
                 "POST /api/drain, /api/restart, /api/escalate, /api/extend-grace and "
-                "POST /api/services/<name>/{drain,start,restart,escalate}"
+                "POST /api/services/<name>/{drain,start,restart,escalate}; a fleet "
+                "is at GET /api/fleet"
             )
         response = await error_response(request, status, message)
         for name, value in error.get_headers():
@@ -167,5 +169,6 @@ def create_app(supervisor: Supervisor, *, token: str, allowed_hosts: Iterable[st
 
     register_pages(app)
     register_api(app)
+    register_fleet(app)
     register_health(app)
     return app

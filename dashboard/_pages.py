@@ -66,7 +66,9 @@ def register_pages(app: Quart) -> None:
             return await login_page(None)
         snapshot = live_snapshot(supervisor)
         events = [event.to_dict() for event in supervisor.events()]
-        return await render_template("index.html", **page_context(snapshot, events))
+        return await render_template(
+            "index.html", **page_context(snapshot, events), in_fleet=supervisor._fleet is not None
+        )
 
     @app.post("/login")
     async def login() -> ResponseReturnValue:

@@ -94,6 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="write the pid here; an upgrade replaces it atomically with the new one's",
     )
+    fleet = run.add_mutually_exclusive_group()
+    fleet.add_argument(
+        "--fleet",
+        metavar="DSN",
+        help="PostgreSQL database of the fleet to join (default: $NURSERY_DOWN_FLEET, else "
+        "the database of a PostgresQueue the worker pools use)",
+    )
+    fleet.add_argument(
+        "--no-fleet", dest="fleet", action="store_const", const=False, help="join no fleet"
+    )
     dashboard = run.add_mutually_exclusive_group()
     dashboard.add_argument(
         "--dashboard",
@@ -139,6 +149,27 @@ def build_parser() -> argparse.ArgumentParser:
     extend.add_argument("seconds", type=_seconds, metavar="SECONDS")
     extend.add_argument("service", nargs="?", metavar="SERVICE", help="default: the whole app")
     add_connection(extend)
+    fleet_command = commands.add_parser(
+        "fleet",
+        help="list the processes of the fleet, or act on one of them",
+        description="With no ACTION: list every process of the fleet this program is in "
+        "(through its dashboard) and the figures of its queues. With an ACTION: ask one "
+        "process to carry it out; the request travels through the fleet's database.",
+    )
+    fleet_command.add_argument(
+        "action",
+        nargs="?",
+        choices=FLEET_ACTIONS,
+        metavar="ACTION",
+        help=f"one of {', '.join(FLEET_ACTIONS)}",
+    )
+    fleet_command.add_argument(
+        "process", nargs="?", metavar="PROCESS", help="its id, HOST:PID or PID, as listed"
+    )
+    fleet_command.add_argument(
+        "service", nargs="?", metavar="SERVICE", help="one service (default: the whole process)"
+    )
+    add_connection(fleet_command)
     from .testing._chaos import add_chaos_command
 
     add_chaos_command(commands)
@@ -154,6 +185,9 @@ ACTIONS = {
     ),
     "escalate": "hard-cancel in-flight jobs now",
 }
+
+
+FLEET_ACTIONS = ("drain", "start", "restart", "escalate", "upgrade")
 
 
 def _seconds(text: str) -> float:
@@ -266,6 +300,7 @@ def _run(args: argparse.Namespace) -> int:
         upgrade_cwd=args.upgrade_cwd,
         upgrade_timeout=args.upgrade_timeout,
         pid_file=args.pid_file,
+        fleet=args.fleet,
     )
 
 
@@ -275,6 +310,10 @@ def _operate(args: argparse.Namespace) -> int:
 
     try:
         client = ApiClient(args.url, args.token)
+        if args.command == "fleet":
+            text = _fleet(client, args)
+            print(text)  # noqa: T201
+            return 0
         if args.command == "status":
             snapshot = client.snapshot()
             if args.service is not None and args.service not in {
@@ -312,6 +351,106 @@ def _operate(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     print(text)  # noqa: T201
     return 0
+
+
+def _fleet(client: Any, args: argparse.Namespace) -> str:
+    """``nursery-down fleet [ACTION PROCESS [SERVICE]]``: the list, or one action."""
+    from ._client import ClientError
+
+    if args.action is not None and args.process is None:
+        raise ClientError(f"fleet {args.action} needs a PROCESS (its id, HOST:PID or PID)")
+    if args.action is None and args.process is not None:
+        raise ClientError("name an ACTION before the PROCESS: fleet drain PROCESS [SERVICE]")
+    if args.action == "start" and args.service is None:
+        raise ClientError("fleet start needs a SERVICE: fleet start PROCESS SERVICE")
+    fleet = client.fleet()
+    if args.action is None:
+        return json.dumps(fleet, indent=2) if args.json else format_fleet(fleet)
+    process = _find_process(fleet["processes"], args.process)
+    if args.action == "upgrade":
+        client.timeout = max(client.timeout, 90.0)  # answers once the new one is ready
+    answer = client.fleet_action(process["id"], args.action, args.service)
+    if args.json:
+        return json.dumps(answer, indent=2)
+    target = f"service {args.service} of" if args.service else "process"
+    return f"{args.action} {target} {process['name']} ({process['id']}): {answer['result']}"
+
+
+def _find_process(processes: list[dict[str, Any]], wanted: str) -> dict[str, Any]:
+    """The one process whose id, ``host:pid`` or pid is *wanted*."""
+    from ._client import ClientError
+
+    found = [
+        process
+        for process in processes
+        if wanted in (process["id"], process["name"], str(process.get("pid")))
+    ]
+    live = [process for process in found if process["state"] not in ("stopped", "gone")]
+    if len(live) == 1 or (len(found) == 1 and not live):
+        return (live or found)[0]
+    if not found:
+        raise ClientError(
+            f"no process {wanted!r} in the fleet; list them with 'nursery-down fleet'"
+        )
+    names = ", ".join(f"{p['id']} ({p['name']})" for p in found)
+    raise ClientError(f"{wanted!r} names several processes ({names}); give the id")
+
+
+def format_fleet(fleet: dict[str, Any]) -> str:
+    """A readable table of the fleet: one row per process, then one per queue."""
+    rows: list[tuple[str, ...]] = [
+        (
+            "PROCESS",
+            "HOST:PID",
+            "APP",
+            "VERSION",
+            "GEN",
+            "STATE",
+            "IN-FLIGHT",
+            "ORPHANS",
+            "LAST REPORT",
+        )
+    ]
+    for process in fleet["processes"]:
+        mark = "*" if process["id"] == fleet.get("this") else ""
+        rows.append(
+            (
+                process["id"] + mark,
+                process["name"],
+                str(process.get("app", "")),
+                str(process.get("version") or "-"),
+                str(process.get("generation", "")),
+                process["state"].upper(),
+                str(process.get("in_flight", "")),
+                str(process.get("orphans", "")),
+                f"{float(process.get('heartbeat_age', 0.0)):.1f}s ago",
+            )
+        )
+    lines = _table(rows)
+    if not fleet["processes"]:
+        lines.append("(no process has reported yet)")
+    if fleet["queues"]:
+        queue_rows: list[tuple[str, ...]] = [
+            ("QUEUE", "QUEUED", "LEASED", "DONE", "DEAD", "REPORTED BY")
+        ]
+        for queue in fleet["queues"]:
+            queue_rows.append(
+                (
+                    str(queue["name"]),
+                    *(str(queue.get(key, "-")) for key in ("queued", "leased", "done", "dead")),
+                    str(queue.get("reported_by", "")),
+                )
+            )
+        lines += ["", *_table(queue_rows)]
+    return "\n".join(lines)
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
 
 
 def format_status(snapshot: dict[str, Any], *, only: str | None = None) -> str:

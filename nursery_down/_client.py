@@ -13,6 +13,7 @@ import os
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 from ._exceptions import NurseryDownError
@@ -68,8 +69,23 @@ class ApiClient:
             path = f"/api/services/{urllib.parse.quote(service, safe='')}/{action}"
         return self._request("POST", path, body)
 
+    def fleet(self) -> dict[str, Any]:
+        """``GET /api/fleet``: every process of the fleet this program is in."""
+        return self._request("GET", "/api/fleet", check=_require_fleet)
+
+    def fleet_action(self, process_id: str, action: str, service: str | None) -> dict[str, Any]:
+        """Ask process *process_id* of the fleet to carry out *action*; what came of it."""
+        path = f"/api/fleet/processes/{urllib.parse.quote(process_id, safe='')}/{action}"
+        body = {"service": service} if service else {}
+        return self._request("POST", path, body, check=_require_command)
+
     def _request(
-        self, method: str, path: str, body: dict[str, Any] | None = None
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        *,
+        check: Callable[[object, str], dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         data = json.dumps(body or {}).encode() if method == "POST" else None
         request = urllib.request.Request(self.url + path, data=data, method=method)
@@ -96,7 +112,7 @@ class ApiClient:
             raise ClientError(
                 f"{self.url}{path} did not answer JSON; is --url the dashboard's address?"
             ) from None
-        return _require_snapshot(answer, f"{self.url}{path}")
+        return (check or _require_snapshot)(answer, f"{self.url}{path}")
 
     def _explain(self, exc: urllib.error.HTTPError) -> str:
         try:
@@ -184,3 +200,28 @@ def _require_snapshot(answer: object, where: str) -> dict[str, Any]:
             "is --url the dashboard's address?"
         )
     return answer
+
+
+def _require_fleet(answer: object, where: str) -> dict[str, Any]:
+    """*answer* if it lists a fleet's processes, else :class:`ClientError`."""
+    if (
+        isinstance(answer, dict)
+        and isinstance(answer.get("processes"), list)
+        and isinstance(answer.get("queues"), list)
+        and all(
+            isinstance(process, dict)
+            and isinstance(process.get("id"), str)
+            and isinstance(process.get("name"), str)
+            and isinstance(process.get("state"), str)
+            for process in answer["processes"]
+        )
+    ):
+        return answer
+    raise ClientError(f"{where} did not answer a list of the fleet's processes")
+
+
+def _require_command(answer: object, where: str) -> dict[str, Any]:
+    """*answer* if it says what came of a fleet action, else :class:`ClientError`."""
+    if isinstance(answer, dict) and isinstance(answer.get("result"), str):
+        return answer
+    raise ClientError(f"{where} did not answer what came of the action")

@@ -65,6 +65,8 @@ GENERATION_ENV: Final = "NURSERY_DOWN_GENERATION"
 
 #: Seconds between two reports of a process.
 DEFAULT_INTERVAL: Final = 2.0
+#: Overrides DEFAULT_INTERVAL for the processes started with it set.
+FLEET_INTERVAL_ENV: Final = "NURSERY_DOWN_FLEET_INTERVAL"
 #: Reports a process may miss before it is shown as gone.
 GONE_AFTER: Final = 3
 #: Seconds a process that stopped (or went away) stays listed.

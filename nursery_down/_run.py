@@ -16,7 +16,13 @@ import trio
 
 from ._budget import check_seconds, grace_budget
 from ._exceptions import ConfigurationError, NurseryDownError
-from ._fleet import FleetMember, fleet_database, fleet_sources
+from ._fleet import (
+    DEFAULT_INTERVAL,
+    FLEET_INTERVAL_ENV,
+    FleetMember,
+    fleet_database,
+    fleet_sources,
+)
 from ._notify import serve_notify
 from ._signals import HupAction, holding_signals, serve_signals
 from ._supervisor import EXIT_FAILED, EXIT_USAGE, Supervisor
@@ -71,7 +77,8 @@ async def open_supervisor(
     process joins: it reports itself there and obeys the actions the fleet page of
     any process asks of it. By default (None) it is ``$NURSERY_DOWN_FLEET``, else the
     database of the first :class:`~nursery_down.queues.PostgresQueue` a worker pool
-    uses; False joins no fleet.
+    uses; False joins no fleet. It reports every ``$NURSERY_DOWN_FLEET_INTERVAL``
+    seconds (default 2) and is shown as gone after three silent intervals.
     """
     if pre_drain is not None:
         supervisor.pre_drain = check_seconds("pre-drain delay", pre_drain)
@@ -108,7 +115,13 @@ async def open_supervisor(
     member = None
     database = fleet_database(supervisor, fleet)
     if database is not None:
-        member = FleetMember(supervisor, database, sources=fleet_sources(supervisor))
+        interval = seconds_from_environ(FLEET_INTERVAL_ENV, "fleet interval", positive=True)
+        member = FleetMember(
+            supervisor,
+            database,
+            interval=DEFAULT_INTERVAL if interval is None else interval,
+            sources=fleet_sources(supervisor),
+        )
         supervisor._fleet = member
     if pid_file is not None:
         write_pid_file(pid_file, os.getpid())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 from collections.abc import Iterator
 
@@ -32,3 +33,21 @@ def postgres_server() -> Iterator[Server]:
 def postgres_dsn(postgres_server: Server) -> str:
     """The DSN of a new, empty database on the session's server."""
     return postgres_server.create_database()
+
+
+#: prctl(2): orphaned descendants are reparented to us, not to PID 1.
+PR_SET_CHILD_SUBREAPER = 36
+
+
+@pytest.fixture
+def subreaper() -> Iterator[None]:
+    """Make this process a child subreaper for the test, as systemd is for a unit: a
+    new generation started by an upgrade is orphaned when its parent exits, and then
+    becomes our child, so the test can reap it and read its exit code."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        pytest.fail(f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(ctypes.get_errno())}")
+    try:
+        yield
+    finally:
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)

@@ -260,3 +260,45 @@ async def test_reports_carry_the_figures_of_the_postgres_queues(postgres_dsn: st
         nursery.cancel_scope.cancel()
     await member.aclose()
     await queue.aclose()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["fleet", "drain"], "fleet drain needs a PROCESS (its id, HOST:PID or PID)"),
+        (
+            ["fleet", "start", "3f9c1e07a2b4"],
+            "fleet start needs a SERVICE: fleet start PROCESS SERVICE",
+        ),
+    ],
+)
+def test_fleet_command_usage_errors_are_one_line(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from nursery_down._cli import main
+
+    assert main([*argv, "--url", "http://127.0.0.1:9"]) == 2
+    assert capsys.readouterr().err == f"nursery-down: error: {message}\n"
+
+
+def test_fleet_command_refuses_an_unknown_action(capsys: pytest.CaptureFixture[str]) -> None:
+    from nursery_down._cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["fleet", "explode", "3f9c1e07a2b4"])
+    assert exited.value.code == 2
+    assert "invalid choice: 'explode'" in capsys.readouterr().err
+
+
+async def test_version_and_generation_come_from_the_environment(
+    postgres_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NURSERY_DOWN_VERSION", "1.4.2\n\x1b[31m")
+    monkeypatch.setenv("NURSERY_DOWN_GENERATION", "3")
+    sup = held_app("orders")
+    async with member_of(sup, postgres_dsn) as member:
+        view = await wait_view(member, "registered", lambda v: len(v["processes"]) == 1)
+    (shown,) = view["processes"]
+    assert (shown["version"], shown["generation"]) == ("1.4.2??[31m", 3)
+    monkeypatch.setenv("NURSERY_DOWN_GENERATION", "many")
+    assert FleetMember(sup, postgres_dsn).generation == 1

@@ -24,7 +24,6 @@ The last tests are bugs these tests found in the core, kept as regression tests.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import http.client
 import json
 import os
@@ -71,8 +70,6 @@ MAX_CONNECTIONS = 100_000
 PACE = 0.002
 #: Answers a client must have seen from a generation before the test goes on.
 SOME = 20
-#: prctl(2): orphaned descendants are reparented to us, not to PID 1.
-PR_SET_CHILD_SUBREAPER = 36
 
 STARTED = re.compile(r"started the new generation \(pid (\d+)\)")
 CLI_UPGRADED = re.compile(
@@ -129,18 +126,6 @@ def children_of(pid: int) -> list[int]:
             if fields is not None and int(fields[1]) == pid:
                 found.append(int(entry.name))
     return found
-
-
-@pytest.fixture
-def subreaper() -> Iterator[None]:
-    """Make this process a child subreaper for the test (see the module docstring)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        pytest.fail(f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(ctypes.get_errno())}")
-    try:
-        yield
-    finally:
-        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
 
 
 # -- the program ------------------------------------------------------------------------------
