@@ -23,17 +23,14 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import socket
-import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
-import outcome
 import trio
 
 from ._exceptions import (
@@ -45,6 +42,14 @@ from ._exceptions import (
     UnknownProcessError,
 )
 from ._pool import source_of
+from ._postgresql import (
+    Handoff,
+    OneConnection,
+    close_quietly,
+    first_line,
+    import_driver,
+    printable,
+)
 from ._validate import require_seconds
 
 if TYPE_CHECKING:
@@ -87,8 +92,6 @@ SCHEMA_VERSION: Final = 1
 #: First key of the fleet's advisory lock ("ndf").
 _LOCK_SPACE: Final = 0x6E6466
 _CHANNEL: Final = "nd_fleet"
-#: Longest text kept from a command (an actor, a service name).
-_TEXT_LIMIT: Final = 200
 
 _SCHEMA: Final = (
     """CREATE TABLE IF NOT EXISTS nd_fleet_meta (key text PRIMARY KEY, value text NOT NULL)""",
@@ -154,20 +157,25 @@ class FleetMember:
                 f"'postgresql://user@host/dbname', got {dsn!r}"
             )
         self.interval = require_seconds("fleet interval", interval, positive=True)
-        _import_driver()
+        import_driver("the fleet")
         self._supervisor = supervisor
-        self._dsn = dsn
-        self._where = _describe_dsn(dsn)
+        self._database = OneConnection(
+            dsn,
+            purpose="fleet",
+            unavailable=FleetUnavailableError,
+            error=FleetError,
+            connect_timeout=self.interval * 2,
+            prepare=self._prepare_sync,
+        )
+        self._where = self._database.where
         #: This process in the fleet: a new id for each run (an upgrade makes a new one).
         self.id = uuid.uuid4().hex[:12]
         self.host = socket.gethostname()
         self.pid = os.getpid()
-        self.version = _printable(os.environ.get(VERSION_ENV, ""))
+        self.version = printable(os.environ.get(VERSION_ENV, ""))
         self.generation = current_generation()
         # The PostgreSQL queues whose figures the reports carry (statistics()).
         self._sources = list(sources or [])
-        self._connection: psycopg.Connection[Any] | None = None
-        self._lock = trio.Lock()
         self._registered = False
         self._away = False
         self._wakeup = trio.Event()
@@ -211,7 +219,7 @@ class FleetMember:
             try:
                 figures = await source.statistics()
             except NurseryDownError as exc:
-                queues.append({"name": source.name, "error": _printable(str(exc))})
+                queues.append({"name": source.name, "error": printable(str(exc))})
             else:
                 queues.append(
                     {
@@ -269,7 +277,7 @@ class FleetMember:
         try:
             while True:
                 if listener is None:
-                    handoff = _Handoff()
+                    handoff = Handoff()
                     try:
                         await trio.to_thread.run_sync(
                             self._listen_sync, handoff, abandon_on_cancel=True
@@ -284,10 +292,10 @@ class FleetMember:
                     if listener is None:
                         await trio.sleep_forever()
                     elif not await _notified(listener):
-                        _close_quietly(listener)  # broken: poll until it is back
+                        close_quietly(listener)  # broken: poll until it is back
                         listener = None
         finally:
-            _close_quietly(listener)
+            close_quietly(listener)
 
     async def _obey_waiting(self, nursery: trio.Nursery) -> None:
         try:
@@ -325,7 +333,7 @@ class FleetMember:
 
     async def _answer(self, command: FleetCommand, result: str) -> None:
         try:
-            await self._call(self._answer_sync, command.id, _printable(result))
+            await self._call(self._answer_sync, command.id, printable(result))
         except FleetUnavailableError as exc:
             logger.warning("fleet: cannot record the result of command %d: %s", command.id, exc)
 
@@ -370,7 +378,7 @@ class FleetMember:
         if action == "upgrade" and service:
             raise ConfigurationError("upgrade acts on a whole process, not on one service")
         command_id = await self._call(
-            self._ask_sync, process_id, action, service, _printable(actor), self.name
+            self._ask_sync, process_id, action, service, printable(actor), self.name
         )
         result = None
         with trio.move_on_after(ANSWER_WAIT):
@@ -388,109 +396,38 @@ class FleetMember:
     # -- the database (each *_sync method runs in a worker thread) ------------------------
 
     async def _call(self, function: Callable[..., T], *args: Any) -> T:
-        """Run ``function(connection, *args)`` in a thread, one call at a time.
+        return await self._database.call(function, *args)
 
-        Abandoned if cancelled (the program is ending): the thread then closes the
-        connection itself, and the next call makes a new one.
-        """
-        async with self._lock:
-            handoff = _Handoff(self._connection)
-            self._connection = None
-            try:
-                result = await trio.to_thread.run_sync(
-                    self._run_sync, function, args, handoff, abandon_on_cancel=True
-                )
-            finally:
-                self._connection = handoff.take()
-        return result.unwrap()
-
-    def _run_sync(
-        self,
-        function: Callable[..., T],
-        args: tuple[Any, ...],
-        handoff: _Handoff,
-    ) -> outcome.Outcome[T]:
-        """Call *function* on a working connection and return what came of it; hand
-        the connection to use next (none when it broke) to *handoff*."""
-        import psycopg
-
-        result: outcome.Outcome[T]
-        connection = handoff.start()
-        try:
-            if connection is None or connection.closed:
-                connection = self._connect_sync()
-        except Exception as failed:  # connecting failed (the message says why)
-            connection, result = None, outcome.Error(failed)
-        else:
-            result = outcome.capture(function, connection, *args)
-        error = result.error if isinstance(result, outcome.Error) else None
-        if isinstance(error, psycopg.Error):
-            _close_quietly(connection)
-            connection = None
-            if isinstance(error, psycopg.OperationalError):
-                result = outcome.Error(
-                    FleetUnavailableError(
-                        f"the fleet database at {self._where} cannot be reached "
-                        f"({_first_line(error)}); check that PostgreSQL runs there and that "
-                        "this host may connect"
-                    )
-                )
-            else:
-                result = outcome.Error(
-                    FleetError(f"the fleet database at {self._where}: {_first_line(error)}")
-                )
-        handoff.give(connection)
-        return result
-
-    def _connect_sync(self) -> psycopg.Connection[Any]:
-        import psycopg
-
-        connection = psycopg.connect(
-            self._dsn,
-            autocommit=True,
-            connect_timeout=max(1, math.ceil(self.interval * 2)),
-            application_name="nursery_down fleet",
-        )
-        try:
-            with connection.transaction():
-                connection.execute("SELECT pg_advisory_xact_lock(%s, 0)", (_LOCK_SPACE,))
-                for statement in _SCHEMA:
-                    connection.execute(statement)
-                connection.execute(
-                    "INSERT INTO nd_fleet_meta VALUES ('schema', %s) ON CONFLICT DO NOTHING",
-                    (str(SCHEMA_VERSION),),
-                )
-                row = connection.execute(
-                    "SELECT value FROM nd_fleet_meta WHERE key = 'schema'"
-                ).fetchone()
-            version = int(row[0]) if row and str(row[0]).isdigit() else -1
-            if version != SCHEMA_VERSION:
-                raise FleetError(
-                    f"the fleet tables at {self._where} have layout {row[0] if row else None!r}, "
-                    f"this nursery_down reads layout {SCHEMA_VERSION}; upgrade nursery_down "
-                    "on this host"
-                )
-        except BaseException:
-            _close_quietly(connection)
-            raise
-        return connection
-
-    def _listen_sync(self, handoff: _Handoff) -> None:
-        import psycopg
-
-        connection = None
-        try:
-            connection = psycopg.connect(
-                self._dsn,
-                autocommit=True,
-                connect_timeout=max(1, math.ceil(self.interval * 2)),
-                application_name="nursery_down fleet listener",
+    def _prepare_sync(self, connection: psycopg.Connection[Any]) -> None:
+        """Create the fleet's tables if needed (one process at a time), check their layout."""
+        with connection.transaction():
+            connection.execute("SELECT pg_advisory_xact_lock(%s, 0)", (_LOCK_SPACE,))
+            for statement in _SCHEMA:
+                connection.execute(statement)
+            connection.execute(
+                "INSERT INTO nd_fleet_meta VALUES ('schema', %s) ON CONFLICT DO NOTHING",
+                (str(SCHEMA_VERSION),),
             )
+            row = connection.execute(
+                "SELECT value FROM nd_fleet_meta WHERE key = 'schema'"
+            ).fetchone()
+        version = int(row[0]) if row and str(row[0]).isdigit() else -1
+        if version != SCHEMA_VERSION:
+            raise FleetError(
+                f"the fleet tables at {self._where} have layout {row[0] if row else None!r}, "
+                f"this nursery_down reads layout {SCHEMA_VERSION}; upgrade nursery_down "
+                "on this host"
+            )
+
+    def _listen_sync(self, handoff: Handoff) -> None:
+        handoff.start()
+        connection = self._database.connect_sync(application="nursery_down fleet listener")
+        try:
             connection.execute(f"LISTEN {_CHANNEL}")
-        except psycopg.Error as exc:
-            _close_quietly(connection)
+        except Exception as exc:
+            close_quietly(connection)
             raise FleetUnavailableError(
-                f"the fleet database at {self._where} cannot be reached ({_first_line(exc)})"
+                f"the fleet database at {self._where} cannot be reached ({first_line(exc)})"
             ) from None
         handoff.give(connection)
 
@@ -608,50 +545,7 @@ class FleetMember:
 
     async def aclose(self) -> None:
         """Close the connection (the dashboard's reads use it too)."""
-        async with self._lock:
-            connection, self._connection = self._connection, None
-        if connection is not None:
-            await trio.to_thread.run_sync(_close_quietly, connection)
-
-
-class _Handoff:
-    """A connection passed to a worker thread and back to the trio task that started it.
-
-    The task may stop waiting (cancelled: the program is ending) before the thread
-    started, or before it finished. In the first case the connection stays the
-    task's; in the second the thread closes it itself instead of leaking it.
-    """
-
-    def __init__(self, connection: psycopg.Connection[Any] | None = None) -> None:
-        self._lock = threading.Lock()
-        self._connection = connection
-        self._started = False
-        self._given = False
-        self._taken = False
-
-    def start(self) -> psycopg.Connection[Any] | None:
-        """In the thread, first: the connection to use (the thread owns it now)."""
-        with self._lock:
-            self._started = True
-            connection, self._connection = self._connection, None
-            return connection
-
-    def give(self, connection: psycopg.Connection[Any] | None) -> None:
-        """In the thread, last: hand over *connection*, or close it if nobody takes it."""
-        with self._lock:
-            self._given = True
-            if not self._taken:
-                self._connection = connection
-                return
-        _close_quietly(connection)
-
-    def take(self) -> psycopg.Connection[Any] | None:
-        """In the task, once the thread returned or was abandoned: the connection to
-        keep, or None (broken, or the thread still runs and will close it)."""
-        with self._lock:
-            self._taken = True
-            connection, self._connection = self._connection, None
-            return connection if self._given or not self._started else None
+        await self._database.aclose()
 
 
 async def _notified(listener: psycopg.Connection[Any]) -> bool:
@@ -762,45 +656,3 @@ def current_generation() -> int:
     """How many upgrades led to this process, counting itself (1 when started by hand)."""
     text = os.environ.get(GENERATION_ENV, "1")
     return int(text) if text.isdigit() and 0 < len(text) < 9 else 1
-
-
-def _import_driver() -> None:
-    try:
-        import psycopg  # noqa: F401
-    except ImportError as exc:
-        raise ConfigurationError(
-            f"the fleet needs psycopg 3 ({exc}); install it with "
-            "pip install 'nursery-down[postgres]'"
-        ) from None
-
-
-def _describe_dsn(dsn: str) -> str:
-    """Where a DSN points, without its password: ``host:port/dbname``."""
-    try:
-        import psycopg.conninfo
-
-        parts = psycopg.conninfo.conninfo_to_dict(dsn)
-    except Exception:
-        return "the given address"
-    host = parts.get("host") or "localhost"
-    port = parts.get("port") or 5432
-    return f"{host}:{port}/{parts.get('dbname') or parts.get('user') or ''}"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return _printable(text[0] if text else type(exc).__name__)
-
-
-def _printable(text: str) -> str:
-    """*text* without control characters (it goes to logs), cut to a sane length."""
-    clean = "".join(ch if ch.isprintable() else "?" for ch in text)
-    return clean if len(clean) <= _TEXT_LIMIT else clean[: _TEXT_LIMIT - 1] + "…"
-
-
-def _close_quietly(connection: psycopg.Connection[Any] | None) -> None:
-    if connection is not None:
-        try:
-            connection.close()
-        except Exception as exc:  # closing a broken connection: nothing left to do
-            logger.debug("fleet: closing a connection: %s", exc)
