@@ -589,7 +589,7 @@ async def test_a_worker_pool_runs_every_job_and_a_drain_leaves_none_leased(dsn: 
         ids = await queue.put_many(range(40))
         sup = nd.Supervisor("pg")
         sup.add(nd.worker_pool(queue, handle, workers=5), name="pool")
-        async with nd.open_supervisor(sup):
+        async with nd.open_supervisor(sup, fleet=False):
             await eventually(lambda: _count_done(queue, 20), "half the jobs")
             await sup.drain("pool")
         after_drain = await queue.statistics()
@@ -772,7 +772,7 @@ async def test_a_server_restart_in_the_middle_of_work_loses_nothing(
         ids = await queue.put_many(range(300))
         sup = nd.Supervisor("pg-restart")
         sup.add(nd.worker_pool(queue, handle, workers=8), name="pool")
-        async with nd.open_supervisor(sup) as running:
+        async with nd.open_supervisor(sup, fleet=False) as running:
             await eventually(lambda: _count_done(queue, 30), "some jobs done")
             [(started_before,)] = sql(dsn, "SELECT pg_postmaster_start_time()")
             await trio.to_thread.run_sync(postgres_server.restart, mode)
@@ -819,7 +819,16 @@ async def test_while_the_server_is_down_calls_raise_unavailable_then_work_again(
                 await queue.statistics()
         finally:
             await trio.to_thread.run_sync(postgres_server.start)
+
+        async def answers() -> bool:
+            try:
+                await queue.statistics()
+            except QueueUnavailableError:
+                return False  # the pool is still waiting to try again
+            return True
+
         # The pool reconnects by itself: the same queue object works again.
+        await eventually(answers, "the queue to reach the server again")
         await queue.put(3)
         jobs = [await claim(queue), await claim(queue)]
         assert [job.payload for job in jobs] == [1, 3]

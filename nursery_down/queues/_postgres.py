@@ -87,7 +87,10 @@ class PostgresQueue:
     **Claims** take the oldest waiting job with ``FOR UPDATE SKIP LOCKED``, so
     processes never wait on each other's claims, and lease it: a lease token, the
     holder, and an expiry *lease* seconds later, all on the database's clock. The
-    job runs after the claim's transaction committed, never inside it.
+    job runs after the claim's transaction committed, never inside it. A claim
+    commits without waiting for the disk (puts, acks and fails do wait): a crash of
+    the server can forget only the claims of its last instant, whose jobs then run
+    again while the first run's settle is fenced.
 
     **Heartbeat.** While this object holds leases, every *heartbeat* seconds it
     renews them (a new expiry, *lease* seconds on). A lease it finds gone (taken
@@ -1072,6 +1075,8 @@ class _Statements:
             "  FROM new)"
             f" SELECT id, pg_notify('{self.channel}', '') FROM new"
         )
+        # set_config(..., true) lasts for this statement's own transaction: this commit
+        # does not wait for the disk. A claim lost to a crash only hands the job out again.
         self.claim = (
             f"WITH next AS (SELECT id FROM {jobs} WHERE state = 'queued'"
             "  ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED),"
