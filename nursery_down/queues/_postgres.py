@@ -708,6 +708,10 @@ class PostgresQueue:
             kwargs={"autocommit": True},
             open=False,
             timeout=self.connect_timeout,
+            # The pool backs off between attempts to reconnect (1 s, 2 s, ...); after a
+            # long outage that would keep the queue waiting long after the server came
+            # back. Giving an attempt up after 5 s lets the next call start a fresh one.
+            reconnect_timeout=5.0,
             name=f"nursery_down {self.name}",
         )
         pool.open()
