@@ -13,13 +13,20 @@ no event is processed twice and none is skipped.
 Settings (environment): STREAM_DIR (where the checkpoint and the lock live,
 default ./stream-state), STREAM_EVENT_SECONDS (time per event, default 0.01),
 STREAM_WINDOW (events per checkpoint, default 20), STREAM_DASHBOARD (HOST:PORT).
+
+With STREAM_LOCK_DSN (a PostgreSQL connection string) the lock is a
+``PostgresLock`` instead of the lock file: a lease in the database, released on a
+drain and expiring STREAM_LOCK_LEASE seconds (default 5) after a killed holder's
+last renewal, so the instances may run on different machines (with the checkpoint on
+storage they share). It needs ``pip install 'nursery-down[postgres]'``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,6 +37,8 @@ import nursery_down as nd
 STATE_DIR = Path(os.environ.get("STREAM_DIR", "stream-state"))
 EVENT_SECONDS = float(os.environ.get("STREAM_EVENT_SECONDS", "0.01"))
 WINDOW = int(os.environ.get("STREAM_WINDOW", "20"))
+LOCK_DSN = os.environ.get("STREAM_LOCK_DSN", "")
+LOCK_LEASE = float(os.environ.get("STREAM_LOCK_LEASE", "5"))
 
 
 @dataclass
@@ -97,6 +106,23 @@ class LockFile:
         return pid != os.getpid()
 
 
+@asynccontextmanager
+async def exclusive() -> AsyncIterator[None]:
+    """Only one instance processes the stream: hold the lock file, or the PostgresLock."""
+    if LOCK_DSN:
+        from nursery_down.queues import PostgresLock
+
+        async with PostgresLock(LOCK_DSN, "stateful-stream", lease=LOCK_LEASE).hold():
+            yield
+        return
+    lock = LockFile(STATE_DIR / "processor.lock")
+    await lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 async def stream_from(position: int) -> AsyncGenerator[list[int], None]:
     """The upstream: windows of consecutive event numbers, starting at *position*."""
     while True:
@@ -112,32 +138,30 @@ sup = nd.Supervisor("stateful-stream", grace=10.0)
 async def processor(ctx: nd.ServiceContext) -> None:
     """Fold windows of events into the state; checkpoint each; hand over on drain."""
     await trio.Path(STATE_DIR).mkdir(parents=True, exist_ok=True)
-    lock = LockFile(STATE_DIR / "processor.lock")
     checkpoint = Checkpoint(STATE_DIR / "checkpoint.json")
-    await lock.acquire()
-    state = checkpoint.load()
-    try:
-        print(f"resuming at event {state.position}, total {state.total}", flush=True)
-        ctx.ready()
-        source = stream_from(state.position)
-        async for window in ctx.intake(source):
-            # One window is one job: shielded, so a drain lets it finish and the
-            # hand-over lands on a window boundary.
-            async with ctx.job(f"window-{state.windows}", first=window[0]):
-                for event in window:
-                    await trio.sleep(EVENT_SECONDS)
-                    # Both fields change together, with no checkpoint between them, so
-                    # the state is consistent even if the grace runs out mid-window.
-                    state.total += event
-                    state.position = event + 1
-                state.windows += 1
-                checkpoint.save(state)
-        await source.aclose()
-        print(f"handing over at event {state.position}, total {state.total}", flush=True)
-    finally:
-        # Dump the state and release the lock, even after a hard cancel.
-        checkpoint.save(state)
-        lock.release()
+    async with exclusive():
+        state = checkpoint.load()
+        try:
+            print(f"resuming at event {state.position}, total {state.total}", flush=True)
+            ctx.ready()
+            source = stream_from(state.position)
+            async for window in ctx.intake(source):
+                # One window is one job: shielded, so a drain lets it finish and the
+                # hand-over lands on a window boundary.
+                async with ctx.job(f"window-{state.windows}", first=window[0]):
+                    for event in window:
+                        await trio.sleep(EVENT_SECONDS)
+                        # Both fields change together, with no checkpoint between them,
+                        # so the state is consistent even if the grace runs out mid-window.
+                        state.total += event
+                        state.position = event + 1
+                    state.windows += 1
+                    checkpoint.save(state)
+            await source.aclose()
+            print(f"handing over at event {state.position}, total {state.total}", flush=True)
+        finally:
+            # Dump the state before the lock goes, even after a hard cancel.
+            checkpoint.save(state)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from ._exceptions import DrainingError as DrainingError
 from ._exceptions import FleetError as FleetError
 from ._exceptions import FleetUnavailableError as FleetUnavailableError
 from ._exceptions import InvalidTransitionError as InvalidTransitionError
+from ._exceptions import LockLostError as LockLostError
 from ._exceptions import NurseryDownError as NurseryDownError
 from ._exceptions import UnknownProcessError as UnknownProcessError
 from ._exceptions import UnknownServiceError as UnknownServiceError
@@ -61,6 +62,7 @@ __all__ = [
     "FleetUnavailableError",
     "InvalidTransitionError",
     "Job",
+    "LockLostError",
     "NurseryDownError",
     "RestartPolicy",
     "ServiceContext",

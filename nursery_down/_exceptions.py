@@ -10,6 +10,7 @@ Every error a user can see derives from :class:`NurseryDownError`, so one
     ├── InvalidTransitionError      an action that the service's current state does not allow
     ├── DrainingError               a job was entered after its service began draining
     ├── UpgradeError                the new generation of an upgrade did not become ready
+    ├── LockLostError               a PostgresLock could not be renewed in time
     ├── FleetError                  the fleet's database refused what was asked
     │   ├── FleetUnavailableError   the fleet's database cannot be reached
     │   └── UnknownProcessError     a fleet action named a process the fleet does not list
@@ -150,3 +151,12 @@ class UnknownProcessError(FleetError, LookupError):
         self.process_id = process_id
         shown = process_id if len(process_id) <= 40 else process_id[:40] + "..."
         super().__init__(f"no process {shown!r} in the fleet; list them with 'nursery-down fleet'")
+
+
+class LockLostError(NurseryDownError):
+    """A :class:`~nursery_down.queues.PostgresLock` could not be renewed before its
+    lease could expire, so its block was cancelled: another process may hold it now.
+
+    Check the connection to the database; the block may run again once the lock is
+    held again.
+    """

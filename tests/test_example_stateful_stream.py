@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -19,12 +20,46 @@ WINDOW = 10  # events per checkpoint (STREAM_WINDOW)
 pytestmark = pytest.mark.subprocess
 
 
-def start(state_dir: Path, log: Path) -> subprocess.Popen[bytes]:
+@dataclass
+class Lock:
+    """Which lock the instances use: the lock file (*dsn* None) or a PostgresLock."""
+
+    state_dir: Path
+    dsn: str | None = None
+
+    def environment(self) -> dict[str, str]:
+        if self.dsn is None:
+            return {}
+        return {"STREAM_LOCK_DSN": self.dsn, "STREAM_LOCK_LEASE": "1"}
+
+    def holder_pid(self) -> int | None:
+        """The pid of the instance holding the lock, None when it is free."""
+        if self.dsn is None:
+            path = self.state_dir / "processor.lock"
+            return int(path.read_text()) if path.exists() else None
+        import psycopg
+
+        with psycopg.connect(self.dsn, autocommit=True) as connection:
+            row = connection.execute(
+                "SELECT holder FROM nd_locks WHERE name = 'stateful-stream'"
+            ).fetchone()
+        return None if row is None else int(row[0].rsplit(":", 1)[1])
+
+
+@pytest.fixture(params=["file", "postgres"])
+def lock(request: pytest.FixtureRequest, tmp_path: Path) -> Lock:
+    if request.param == "file":
+        return Lock(tmp_path)
+    return Lock(tmp_path, request.getfixturevalue("postgres_dsn"))
+
+
+def start(state_dir: Path, log: Path, lock: Lock) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "STREAM_DIR": str(state_dir),
         "STREAM_EVENT_SECONDS": "0.005",
         "STREAM_WINDOW": str(WINDOW),
+        **lock.environment(),
     }
     with log.open("wb") as output:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(
@@ -40,13 +75,13 @@ def checkpointed(state_dir: Path) -> int:
         return 0
 
 
-def test_a_drained_instance_hands_over_to_a_waiting_one(tmp_path: Path) -> None:
+def test_a_drained_instance_hands_over_to_a_waiting_one(tmp_path: Path, lock: Lock) -> None:
     first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
-    first = start(tmp_path, first_log)
+    first = start(tmp_path, first_log, lock)
     second: subprocess.Popen[bytes] | None = None
     try:
         wait_for_line(first_log, r"resuming at event 0,")
-        second = start(tmp_path, second_log)  # waits for the lock
+        second = start(tmp_path, second_log, lock)  # waits for the lock
         # Its service began (and went for the lock); the first goes on processing
         # a few windows meanwhile, and the second still waits.
         wait_for_line(second_log, r"service processor: stopped -> starting", process=second)
@@ -55,7 +90,7 @@ def test_a_drained_instance_hands_over_to_a_waiting_one(tmp_path: Path) -> None:
             lambda: checkpointed(tmp_path) >= floor, what=f"a checkpoint at {floor}", process=first
         )
         assert "resuming" not in second_log.read_text()
-        assert (tmp_path / "processor.lock").read_text() == str(first.pid)
+        assert lock.holder_pid() == first.pid
         first.send_signal(signal.SIGTERM)
         assert first.wait(timeout=20) == 0
         handed = int(wait_for_line(first_log, r"handing over at event (\d+)").group(1))
@@ -74,7 +109,7 @@ def test_a_drained_instance_hands_over_to_a_waiting_one(tmp_path: Path) -> None:
         final = json.loads((tmp_path / "checkpoint.json").read_text())
         assert final["position"] > handed
         assert final["total"] == sum(range(final["position"]))  # nothing twice, nothing skipped
-        assert not (tmp_path / "processor.lock").exists()
+        assert lock.holder_pid() is None  # released on the drain
     finally:
         for process in (first, second):
             if process is not None and process.poll() is None:
@@ -82,18 +117,18 @@ def test_a_drained_instance_hands_over_to_a_waiting_one(tmp_path: Path) -> None:
                 process.wait()
 
 
-def test_a_stale_lock_from_a_killed_instance_is_taken_over(tmp_path: Path) -> None:
+def test_a_stale_lock_from_a_killed_instance_is_taken_over(tmp_path: Path, lock: Lock) -> None:
     log = tmp_path / "first.log"
-    first = start(tmp_path, log)
+    first = start(tmp_path, log, lock)
     try:
         wait_for_line(log, r"resuming at event 0,")
         wait_for(lambda: checkpointed(tmp_path) > 0, what="a first checkpoint", process=first)
-        first.kill()  # SIGKILL: no hand-over, the lock file stays behind
+        first.kill()  # SIGKILL: no hand-over, the lock stays behind (until its lease ends)
         first.wait(timeout=10)
-        assert (tmp_path / "processor.lock").exists()
+        assert lock.holder_pid() == first.pid
         position = json.loads((tmp_path / "checkpoint.json").read_text())["position"]
         second_log = tmp_path / "second.log"
-        second = start(tmp_path, second_log)
+        second = start(tmp_path, second_log, lock)
         resumed = int(wait_for_line(second_log, r"resuming at event (\d+)").group(1))
         assert resumed == position
         second.send_signal(signal.SIGTERM)

@@ -5,6 +5,8 @@
 - :class:`SQLiteQueue`: durable in one SQLite file; survives any crash of the process.
 - :class:`PostgresQueue`: durable in PostgreSQL, shared by worker processes on many
   machines (needs ``pip install 'nursery-down[postgres]'``; imported only when used).
+- :class:`PostgresLock`: one holder at a time among those processes (a lease), e.g.
+  for a stream processor that must run once in the fleet.
 
 The errors they raise derive from :class:`QueueError` (itself a
 ``nursery_down.NurseryDownError``) and are importable from here too.
@@ -18,6 +20,7 @@ from .._exceptions import QueueLockedError as QueueLockedError
 from .._exceptions import QueueSchemaError as QueueSchemaError
 from .._exceptions import QueueUnavailableError as QueueUnavailableError
 from .._exceptions import QueueUnwritableError as QueueUnwritableError
+from ._lock import PostgresLock as PostgresLock
 from ._memory import MemoryQueue as MemoryQueue
 from ._postgres import PostgresQueue as PostgresQueue
 from ._source import DeadJob as DeadJob
@@ -32,6 +35,7 @@ __all__ = [
     "MemoryQueue",
     "NotLeasedError",
     "PayloadError",
+    "PostgresLock",
     "PostgresQueue",
     "QueueCorruptError",
     "QueueError",
