@@ -63,6 +63,9 @@ def worker_pool(
     - At the grace deadline, jobs still running are cancelled, counted as
       hard-cancelled and released back to the source (their attempt not counted).
     - ``ack``, ``release`` and ``fail`` are shielded: cancellation never cuts them.
+    - A source whose leases can be lost while a job runs (``PostgresQueue``) has the
+      job cancelled when that happens: it may already run elsewhere. It counts as
+      failed, and its settle changes nothing.
     - The service returns once the source is closed and exhausted (``claim()``
       returned ``None``) and the last job settled.
 
@@ -126,6 +129,9 @@ async def _run_pool(ctx: ServiceContext, source: JobSource, handler: Handler, wo
     # Looked up once and shared by every worker (a bound method each would cost
     # 64 bytes a worker).
     ack_nowait = _fast_path(source, "ack_nowait")
+    watch_lease = _fast_path(source, "watch_lease")
+    if watch_lease is not None:
+        handler = _cancelled_on_lost_lease(handler, watch_lease)
     async with receive, trio.open_nursery() as nursery:
         for _ in range(workers):
             nursery.start_soon(_work, ctx, source, handler, receive, ack_nowait, name=name)
@@ -263,6 +269,33 @@ async def _settle_after_deadline(
 async def _shielded(settle: Callable[..., Awaitable[None]], *args: Any) -> None:
     with trio.CancelScope(shield=True):
         await settle(*args)
+
+
+class _LeaseLostError(Exception):
+    """A job was cancelled because its source took its lease back."""
+
+
+def _cancelled_on_lost_lease(
+    handler: Handler, watch_lease: Callable[[QueuedJob, Callable[[], None]], None]
+) -> Handler:
+    """*handler*, cancelled when the source calls back that the job's lease was lost.
+
+    Only for sources that offer ``watch_lease(job, cancel)``: the scope it costs is
+    paid by their jobs alone.
+    """
+
+    async def run(job: QueuedJob) -> None:
+        with trio.CancelScope() as lease:
+            watch_lease(job, lease.cancel)
+            await handler(job)
+        if lease.cancelled_caught:
+            raise _LeaseLostError(
+                "its lease was lost (the source gave the job back to run elsewhere), "
+                "so it was cancelled"
+            )
+
+    run.__name__ = getattr(handler, "__name__", "handler")
+    return run
 
 
 def _fast_path(source: JobSource, name: str) -> Callable[..., Any] | None:

@@ -600,6 +600,62 @@ async def test_a_worker_pool_runs_every_job_and_a_drain_leaves_none_leased(dsn: 
         assert sup.exit_code == nd.EXIT_OK
 
 
+async def test_a_worker_pool_cancels_a_job_whose_lease_was_lost(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    started = trio.Event()
+    cancelled = trio.Event()
+
+    async def handle(job: QueuedJob) -> None:
+        started.set()
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            cancelled.set()
+            raise
+
+    async with PostgresQueue(dsn, lease=3.0, heartbeat=0.05) as queue:
+        await queue.put("long")
+        sup = nd.Supervisor("pg-lost")
+        sup.add(nd.worker_pool(queue, handle, workers=2), name="pool")
+        async with nd.open_supervisor(sup, fleet=False):
+            with trio.fail_after(PATIENCE):
+                await started.wait()
+            # Another process's sweeper took the lease back and gave the job to another.
+            sql(dsn, "UPDATE ndq_default_jobs SET lease_token = gen_random_uuid()")
+            with trio.fail_after(PATIENCE):
+                await cancelled.wait()
+
+            async def settled() -> bool:
+                await trio.lowlevel.checkpoint()
+                return "fail of job" in caplog.text
+
+            await eventually(settled, "the pool to settle the cancelled job")
+            (service,) = sup.snapshot()["services"]
+            assert isinstance(service, dict)
+            assert (service["failed"], service["in_flight"], service["state"]) == (
+                1,
+                0,
+                "running",
+            )
+            await sup.drain()
+        assert "its lease was lost" in caplog.text
+        assert queue.lost_leases == 1
+        # The fenced fail changed nothing: the job is still the other holder's.
+        assert await queue.statistics() == stats(leased=1)
+        assert [event for _, event in events(dsn)] == ["enqueue", "claim"]
+
+
+async def test_watching_a_settled_job_does_nothing(dsn: str) -> None:
+    calls: list[str] = []
+    async with PostgresQueue(dsn) as queue:
+        await queue.put(1)
+        job = await claim(queue)
+        await queue.ack(job)
+        queue.watch_lease(job, lambda: calls.append("cancel"))
+    assert calls == []
+
+
 async def _count_done(queue: PostgresQueue, count: int) -> bool:
     return (await queue.statistics()).done >= count
 
@@ -916,12 +972,8 @@ async def test_a_paused_worker_loses_its_leases_after_the_lease_and_its_late_ack
         finally:
             worker.send_signal(signal.SIGCONT)
 
-        async def finished_late() -> bool:
-            await trio.lowlevel.checkpoint()
-            return len(ledger_lines("done")) == len(ids)
-
-        await eventually(finished_late, "the paused worker to finish its jobs")
-
+        # Resumed, each job either finishes (its ack is fenced) or is cancelled first by
+        # the heartbeat that finds its lease lost (its fail is fenced).
         async def fenced() -> bool:
             await trio.lowlevel.checkpoint()
             return output.read_text().count("changed nothing") == len(ids)

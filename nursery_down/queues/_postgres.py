@@ -99,7 +99,8 @@ class PostgresQueue:
     job may already run elsewhere, and the late ``ack``, ``release`` or ``fail`` of
     it is fenced: it changes nothing in the database, is logged as a warning and
     counted in :attr:`lost_leases`, and raises nothing, so a worker pool keeps
-    running. The job's handler is not interrupted.
+    running. A worker pool also cancels the job's handler when the heartbeat finds
+    its lease lost (:meth:`watch_lease`); it counts as failed there.
 
     **Orphans.** Every *heartbeat* seconds one process of the fleet at a time (by an
     advisory lock) sweeps: a lease that expired goes back to the queue. Each queue
@@ -213,6 +214,8 @@ class PostgresQueue:
         # object handed out, so a job claimed again after a lost lease is a new entry.
         self._held: dict[int, tuple[QueuedJob, uuid.UUID]] = {}
         self._lost: set[uuid.UUID] = set()
+        # What to call when a running job's lease is found lost: id(job) -> cancel.
+        self._watchers: dict[int, Callable[[], None]] = {}
         self._lost_count = 0
         # The holder: one number per open queue object, whose advisory lock (held on
         # the listening connection) tells the fleet that this object still runs.
@@ -273,6 +276,7 @@ class PostgresQueue:
                 held = list(self._held.values())
                 self._held.clear()
                 self._lost.clear()
+                self._watchers.clear()
                 try:
                     if held:
                         await self._call(self._release_all_sync, [token for _job, token in held])
@@ -388,6 +392,20 @@ class PostgresQueue:
         """
         await self._settle(job, "fail", self._fail_sync, describe_error(error))
 
+    def watch_lease(self, job: QueuedJob, cancel: Callable[[], None]) -> None:
+        """Call *cancel()* if the heartbeat finds the lease of *job* lost, until it is settled.
+
+        :func:`nursery_down.worker_pool` uses it to cancel a job that may already run
+        elsewhere. If the lease is already lost, *cancel* is called at once.
+        """
+        entry = self._held.get(id(job))
+        if entry is None or entry[0] is not job:
+            return  # settled already, or not claimed here: there is no lease to lose
+        if entry[1] in self._lost:
+            cancel()
+        else:
+            self._watchers[id(job)] = cancel
+
     # -- reading and operating ------------------------------------------------------------
 
     async def statistics(self) -> QueueStatistics:
@@ -482,6 +500,7 @@ class PostgresQueue:
                 f"cannot {action} job {job.id}: this queue does not hold it as claimed "
                 "(was it settled already, or claimed through another PostgresQueue object?)"
             )
+        self._watchers.pop(id(job), None)
         token = entry[1]
         if token in self._lost:
             self._lost.discard(token)
@@ -602,9 +621,12 @@ class PostgresQueue:
             if token in sent and token not in kept and token not in self._lost:
                 self._lost.add(token)
                 self._lost_count += 1
+                cancel = self._watchers.pop(id(job), None)
+                if cancel is not None:
+                    cancel()
                 logger.warning(
                     "PostgresQueue %s: the lease of job %d was lost (not renewed within %g s); "
-                    "its settle will change nothing, and it may run elsewhere",
+                    "it may run elsewhere: a worker pool cancels it, and its settle changes nothing",
                     self.name,
                     job.id,
                     self.lease,
