@@ -626,7 +626,8 @@ class PostgresQueue:
                     cancel()
                 logger.warning(
                     "PostgresQueue %s: the lease of job %d was lost (not renewed within %g s); "
-                    "it may run elsewhere: a worker pool cancels it, and its settle changes nothing",
+                    "it may run elsewhere: a worker pool cancels it, and its settle changes "
+                    "nothing",
                     self.name,
                     job.id,
                     self.lease,
