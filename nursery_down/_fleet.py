@@ -333,7 +333,10 @@ class FleetMember:
 
     async def _answer(self, command: FleetCommand, result: str) -> None:
         try:
-            await self._call(self._answer_sync, command.id, printable(result))
+            # Shielded: a drain asked this way may end the program (and this task) at
+            # once, and the one who asked must still learn that it was carried out.
+            with trio.CancelScope(shield=True), trio.move_on_after(FINAL_REPORT_LIMIT):
+                await self._call(self._answer_sync, command.id, printable(result))
         except FleetUnavailableError as exc:
             logger.warning("fleet: cannot record the result of command %d: %s", command.id, exc)
 

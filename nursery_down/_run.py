@@ -133,6 +133,9 @@ async def open_supervisor(
     finally:
         if pid_file is not None:
             remove_pid_file(pid_file)
+        if member is not None:
+            with trio.CancelScope(shield=True):
+                await member.aclose()
 
 
 @asynccontextmanager
