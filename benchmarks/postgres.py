@@ -13,7 +13,7 @@ enqueue and 20-job-concurrency consume in a virtual environment of its own under
 ``~/.cache/nursery-down/bench-peers`` (installed with pip on first use; reported as
 skipped when it cannot be installed). It is never a dependency of nursery_down.
 
-The server is a fresh cluster from the Debian packages (see tests/postgres_server.py),
+The server is a fresh cluster from the Debian packages (nursery_down.testing.start_postgres),
 or the one ``NURSERY_DOWN_TEST_POSTGRES`` names. Run: ``python benchmarks/postgres.py``
 (about a minute; ``--quick`` for a smoke run).
 """
@@ -30,15 +30,12 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import trio
 
 import nursery_down as nd
 from nursery_down.queues import PostgresQueue, QueuedJob
-
-if TYPE_CHECKING:
-    from tests.postgres_server import Server
+from nursery_down.testing import NoPostgresError, remove_postgres, start_postgres
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = "--quick" in sys.argv
@@ -308,19 +305,10 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-def start_server() -> Server:
-    sys.path.insert(0, str(ROOT))
-    from tests.postgres_server import start_server as start
-
-    return start(fsync=True)
-
-
 def main() -> int:
-    from tests.postgres_server import NoServerError, remove
-
     try:
-        server = start_server()
-    except NoServerError as exc:
+        server = start_postgres(fsync=True)
+    except NoPostgresError as exc:
         print(f"skipped: {exc}")
         return 0
     try:
@@ -333,7 +321,7 @@ def main() -> int:
         kills = trio.run(kill_to_rerun, ours_dsn)
         peer = run_pgqueuer(peer_dsn)
     finally:
-        remove(server)
+        remove_postgres(server)
     print(f"{'jobs/s':<34}{'PostgresQueue':>15}{'pgqueuer':>12}")
     rows = [
         ("enqueue, one job a call (20 callers)", single, "single"),

@@ -26,6 +26,7 @@ from ._exceptions import FleetError as FleetError
 from ._exceptions import FleetUnavailableError as FleetUnavailableError
 from ._exceptions import InvalidTransitionError as InvalidTransitionError
 from ._exceptions import LockLostError as LockLostError
+from ._exceptions import NoPostgresError as NoPostgresError
 from ._exceptions import NurseryDownError as NurseryDownError
 from ._exceptions import UnknownProcessError as UnknownProcessError
 from ._exceptions import UnknownServiceError as UnknownServiceError
@@ -63,6 +64,7 @@ __all__ = [
     "InvalidTransitionError",
     "Job",
     "LockLostError",
+    "NoPostgresError",
     "NurseryDownError",
     "RestartPolicy",
     "ServiceContext",

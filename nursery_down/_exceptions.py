@@ -11,6 +11,7 @@ Every error a user can see derives from :class:`NurseryDownError`, so one
     ├── DrainingError               a job was entered after its service began draining
     ├── UpgradeError                the new generation of an upgrade did not become ready
     ├── LockLostError               a PostgresLock could not be renewed in time
+    ├── NoPostgresError             no PostgreSQL server for tests or demos can be had here
     ├── FleetError                  the fleet's database refused what was asked
     │   ├── FleetUnavailableError   the fleet's database cannot be reached
     │   └── UnknownProcessError     a fleet action named a process the fleet does not list
@@ -159,4 +160,12 @@ class LockLostError(NurseryDownError):
 
     Check the connection to the database; the block may run again once the lock is
     held again.
+    """
+
+
+class NoPostgresError(NurseryDownError):
+    """No PostgreSQL server can be had here for tests or a demo; the message says why.
+
+    Install Debian's ``postgresql`` package (a throwaway cluster is then started from
+    its binaries), or set ``NURSERY_DOWN_TEST_POSTGRES`` to a server's DSN.
     """

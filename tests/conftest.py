@@ -8,29 +8,34 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.postgres_server import NoServerError, Server, remove, start_server
+from nursery_down.testing import (
+    NoPostgresError,
+    PostgresServer,
+    remove_postgres,
+    start_postgres,
+)
 
 
 @pytest.fixture(scope="session")
-def postgres_server() -> Iterator[Server]:
-    """A PostgreSQL server for the session (see tests/postgres_server.py).
+def postgres_server() -> Iterator[PostgresServer]:
+    """A PostgreSQL server for the session (nursery_down.testing.start_postgres).
 
     Skips the test when none can be had, but fails under ``CI``, which must never skip.
     """
     try:
-        server = start_server()
-    except NoServerError as exc:
+        server = start_postgres()
+    except NoPostgresError as exc:
         if os.environ.get("CI"):
             pytest.fail(f"no PostgreSQL server under CI: {exc}")
         pytest.skip(str(exc))
     try:
         yield server
     finally:
-        remove(server)
+        remove_postgres(server)
 
 
 @pytest.fixture
-def postgres_dsn(postgres_server: Server) -> str:
+def postgres_dsn(postgres_server: PostgresServer) -> str:
     """The DSN of a new, empty database on the session's server."""
     return postgres_server.create_database()
 

@@ -20,8 +20,14 @@ from pathlib import Path
 import trio
 
 from nursery_down.queues import PostgresQueue
-from nursery_down.testing import History, JobEvent, ProcessExit, SignalSent, check_history
-from tests.postgres_server import Server
+from nursery_down.testing import (
+    History,
+    JobEvent,
+    PostgresServer,
+    ProcessExit,
+    SignalSent,
+    check_history,
+)
 
 TARGET = str(Path(__file__).resolve().parent / "programs" / "fleet_worker.py") + ":sup"
 #: Worker processes kept running.
@@ -39,7 +45,7 @@ PATIENCE = 60.0
 
 
 async def test_a_fleet_loses_nothing_under_signals_and_a_database_restart(
-    postgres_server: Server, postgres_dsn: str, tmp_path: Path
+    postgres_server: PostgresServer, postgres_dsn: str, tmp_path: Path
 ) -> None:
     seed = int(os.environ.get("ND_FLEET_CHAOS_SEED") or random.randrange(2**32))
     rng = random.Random(seed)
@@ -149,19 +155,20 @@ async def test_a_fleet_loses_nothing_under_signals_and_a_database_restart(
     kinds = {s.signal for s in signals}
     assert {"SIGTERM", "SIGKILL", "SIGSTOP"} <= kinds or len(signals) < 6, about
 
-    # Orphans rescued within the target: each job in flight at a kill is claimed
-    # again by another process soon after.
-    claims: dict[object, list[JobEvent]] = {}
-    for event in history.events:
-        if event.event == "claim":
-            claims.setdefault(event.job, []).append(event)
+    # Orphans rescued within the target: each job a process held when it was killed is
+    # claimed again by another process soon after.
     killed_at = {s.pid: s.time for s in signals if s.signal == "SIGKILL"}
-    for pid, jobs in report.in_flight_at_kill.items():
-        for job in jobs:
-            again = [c.time for c in claims[job] if c.pid != pid and c.time > killed_at[pid]]
+    for pid, kill in killed_at.items():
+        held = History(events=tuple(e for e in history.events if e.time <= kill)).in_flight(pid)
+        for job in held:
+            again = [
+                e.time
+                for e in history.events
+                if e.job == job and e.event == "claim" and e.pid != pid and e.time > kill
+            ]
             assert again, f"job {job} of killed pid {pid} never ran again; {about}"
-            assert again[0] - killed_at[pid] <= RESCUE_TARGET, (
-                f"job {job} ran again {again[0] - killed_at[pid]:.1f} s after the kill; {about}"
+            assert again[0] - kill <= RESCUE_TARGET, (
+                f"job {job} ran again {again[0] - kill:.1f} s after the kill; {about}"
             )
     # Drains were clean: a worker sent SIGTERM (and not killed after) exited 0 or 3.
     killed = set(killed_at)

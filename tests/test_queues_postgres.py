@@ -2,7 +2,7 @@
 sweeper, LISTEN wake-ups, dead letters, history, schema versions, connection errors, a
 SIGKILLed worker process and a server restart in the middle of work.
 
-Each test gets a database of its own on the session's server (tests/postgres_server.py).
+Each test gets a database of its own on the session's server (nursery_down.testing.start_postgres).
 Real clock throughout: the queue works in threads and on a real server. No test times
 the queue except where the README promises a time (the orphans of a killed process);
 waits poll what the database shows, bounded by a timeout only a hang reaches.
@@ -34,8 +34,7 @@ from nursery_down.queues import (
     QueueSchemaError,
     QueueUnavailableError,
 )
-from nursery_down.testing import History, JobEvent, check_history
-from tests.postgres_server import Server
+from nursery_down.testing import History, JobEvent, PostgresServer, check_history
 from tests.queue_helpers import stats
 
 T = TypeVar("T")
@@ -702,7 +701,7 @@ async def test_an_unreachable_server_gives_a_clear_error(dsn: str) -> None:
     assert caught.value.__suppress_context__
 
 
-async def test_a_missing_database_gives_a_clear_error(postgres_server: Server) -> None:
+async def test_a_missing_database_gives_a_clear_error(postgres_server: PostgresServer) -> None:
     dsn = postgres_server.dsn_for("no_such_database")
     with pytest.raises(QueueUnavailableError, match="no_such_database"):
         await PostgresQueue(dsn).open()
@@ -813,7 +812,7 @@ async def test_the_jobs_of_a_sigkilled_worker_run_again_elsewhere_within_5_s(
 @pytest.mark.subprocess
 @pytest.mark.parametrize("mode", ["fast", "immediate"])
 async def test_a_server_restart_in_the_middle_of_work_loses_nothing(
-    dsn: str, postgres_server: Server, mode: str
+    dsn: str, postgres_server: PostgresServer, mode: str
 ) -> None:
     if not postgres_server.owned:
         pytest.skip("the server of $NURSERY_DOWN_TEST_POSTGRES is not ours to restart")
@@ -861,7 +860,7 @@ async def test_a_server_restart_in_the_middle_of_work_loses_nothing(
 
 @pytest.mark.subprocess
 async def test_while_the_server_is_down_calls_raise_unavailable_then_work_again(
-    dsn: str, postgres_server: Server
+    dsn: str, postgres_server: PostgresServer
 ) -> None:
     if not postgres_server.owned:
         pytest.skip("the server of $NURSERY_DOWN_TEST_POSTGRES is not ours to stop")
@@ -894,7 +893,9 @@ async def test_while_the_server_is_down_calls_raise_unavailable_then_work_again(
 
 
 @pytest.mark.subprocess
-async def test_claims_and_settles_wait_out_an_outage(dsn: str, postgres_server: Server) -> None:
+async def test_claims_and_settles_wait_out_an_outage(
+    dsn: str, postgres_server: PostgresServer
+) -> None:
     if not postgres_server.owned:
         pytest.skip("the server of $NURSERY_DOWN_TEST_POSTGRES is not ours to stop")
     async with PostgresQueue(dsn, connect_timeout=1, heartbeat=0.2, poll_interval=0.2) as queue:

@@ -11,8 +11,13 @@
   and the time each process took to exit after its signal.
 
 The ``nursery-down chaos TARGET`` command runs all of this many times over.
+
+:func:`throwaway_postgres` starts a PostgreSQL server for tests and demos of programs
+that use :class:`~nursery_down.queues.PostgresQueue` (Debian's ``postgresql``
+package, or the server ``$NURSERY_DOWN_TEST_POSTGRES`` names).
 """
 
+from .._exceptions import NoPostgresError as NoPostgresError
 from ._harness import DRAIN_LINE as DRAIN_LINE
 from ._harness import READY_LINE as READY_LINE
 from ._harness import ChaosHarness as ChaosHarness
@@ -33,11 +38,17 @@ from ._history import RecordingSource as RecordingSource
 from ._history import SignalSent as SignalSent
 from ._history import check_history as check_history
 from ._history import read_history as read_history
+from ._postgres import DSN_ENV as POSTGRES_DSN_ENV
+from ._postgres import PostgresServer as PostgresServer
+from ._postgres import remove_postgres as remove_postgres
+from ._postgres import start_postgres as start_postgres
+from ._postgres import throwaway_postgres as throwaway_postgres
 
 __all__ = [
     "DRAIN_LINE",
     "HISTORY_ENV",
     "JOB_EVENTS",
+    "POSTGRES_DSN_ENV",
     "READY_LINE",
     "ChaosHarness",
     "CheckReport",
@@ -48,6 +59,8 @@ __all__ = [
     "JobEvent",
     "JobId",
     "LateStart",
+    "NoPostgresError",
+    "PostgresServer",
     "ProcessExit",
     "RecordingSource",
     "SignalSent",
@@ -55,4 +68,7 @@ __all__ = [
     "TargetError",
     "check_history",
     "read_history",
+    "remove_postgres",
+    "start_postgres",
+    "throwaway_postgres",
 ]

@@ -1,13 +1,18 @@
-"""A PostgreSQL server for the tests: the one ``NURSERY_DOWN_TEST_POSTGRES`` names, or a
-throwaway cluster started from the Debian packages' binaries.
+"""A PostgreSQL server for tests, demos and benchmarks: the one ``NURSERY_DOWN_TEST_POSTGRES``
+names, or a throwaway cluster started from the Debian packages' binaries.
 
 A throwaway cluster lives in a temporary folder, listens on 127.0.0.1 and a Unix
 socket of its own, and is stopped and deleted at the end of the session. ``initdb``
 refuses to run as root, so as root every server command runs as the ``postgres``
 user (``runuser -u postgres --``), which owns the folder.
 
-Where no server can be had, the tests that need one are skipped with the reason,
-except under ``CI`` (set), where they fail: CI installs PostgreSQL and must never skip.
+Where no server can be had, :class:`~nursery_down.NoPostgresError` says why (this
+project's own tests skip with that reason, except under ``CI``, where they fail).
+
+::
+
+    with throwaway_postgres() as server:
+        dsn = server.create_database()
 """
 
 from __future__ import annotations
@@ -19,19 +24,19 @@ import socket
 import subprocess
 import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .._exceptions import NoPostgresError
 
 #: A DSN of a server to use instead of a throwaway cluster (it must allow CREATE DATABASE).
 DSN_ENV = "NURSERY_DOWN_TEST_POSTGRES"
 
 
-class NoServerError(Exception):
-    """No PostgreSQL server can be had here; the message says why."""
-
-
 @dataclass
-class Server:
+class PostgresServer:
     """A running server: a DSN for its maintenance database, and control if we own it."""
 
     dsn: str
@@ -91,7 +96,7 @@ class Server:
 
     def _pg_ctl(self, action: str, *args: str) -> None:
         if not self.owned:
-            raise NoServerError(f"cannot {action} a server this session did not start")
+            raise NoPostgresError(f"cannot {action} a server this session did not start")
         assert self.data is not None
         assert self.bindir is not None
         assert self.log is not None
@@ -117,7 +122,7 @@ class Server:
         result = subprocess.run(command, capture_output=True, text=True, timeout=90, check=False)
         if result.returncode:
             log = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
-            raise NoServerError(
+            raise NoPostgresError(
                 f"pg_ctl {action} failed ({result.returncode}): {result.stderr.strip()}\n{log}"
             )
 
@@ -139,15 +144,15 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def start_server(*, fsync: bool = False) -> Server:
-    """The server of :data:`DSN_ENV`, or a throwaway cluster; :class:`NoServerError` if none.
+def start_postgres(*, fsync: bool = False) -> PostgresServer:
+    """The server of :data:`DSN_ENV`, or a throwaway cluster; :class:`NoPostgresError` if none.
 
     *fsync* sets the throwaway cluster's ``fsync`` (off: fast, for functional tests).
     """
     try:
         import psycopg
     except ImportError:
-        raise NoServerError(
+        raise NoPostgresError(
             "psycopg is not installed: pip install 'nursery-down[postgres]'"
         ) from None
     dsn = os.environ.get(DSN_ENV, "").strip()
@@ -155,18 +160,20 @@ def start_server(*, fsync: bool = False) -> Server:
         try:
             psycopg.connect(dsn, connect_timeout=5).close()
         except psycopg.Error as exc:
-            raise NoServerError(f"${DSN_ENV} ({dsn!r}) cannot be reached: {exc}") from None
-        return Server(dsn)
+            raise NoPostgresError(f"${DSN_ENV} ({dsn!r}) cannot be reached: {exc}") from None
+        return PostgresServer(dsn)
     bindir = find_bindir()
     if bindir is None:
-        raise NoServerError(
+        raise NoPostgresError(
             "no PostgreSQL server: /usr/lib/postgresql/*/bin/initdb is missing (install "
             f"Debian's postgresql package) and ${DSN_ENV} is not set"
         )
     as_postgres: list[str] = []
     if os.geteuid() == 0:
         if shutil.which("runuser") is None:
-            raise NoServerError("running as root, and runuser is missing to run initdb as postgres")
+            raise NoPostgresError(
+                "running as root, and runuser is missing to run initdb as postgres"
+            )
         as_postgres = ["runuser", "-u", "postgres", "--"]
     top = Path(tempfile.mkdtemp(prefix="nd-postgres-"))
     data, sockets, log = top / "data", top / "sockets", top / "server.log"
@@ -194,9 +201,9 @@ def start_server(*, fsync: bool = False) -> Server:
     )
     if result.returncode:
         shutil.rmtree(top, ignore_errors=True)
-        raise NoServerError(f"initdb failed: {result.stderr.strip() or result.stdout.strip()}")
+        raise NoPostgresError(f"initdb failed: {result.stderr.strip() or result.stdout.strip()}")
     port = _free_port()
-    server = Server(
+    server = PostgresServer(
         f"host=127.0.0.1 port={port} user=postgres dbname=postgres",
         data=data,
         bindir=bindir,
@@ -208,13 +215,13 @@ def start_server(*, fsync: bool = False) -> Server:
     )
     try:
         server._pg_ctl("start")
-    except NoServerError:
+    except NoPostgresError:
         shutil.rmtree(top, ignore_errors=True)
         raise
     return server
 
 
-def remove(server: Server) -> None:
+def remove_postgres(server: PostgresServer) -> None:
     """Stop a throwaway cluster and delete its folder."""
     if server.owned:
         assert server.data is not None
@@ -222,3 +229,13 @@ def remove(server: Server) -> None:
             server.stop()
         finally:
             shutil.rmtree(server.data.parent, ignore_errors=True)
+
+
+@contextmanager
+def throwaway_postgres(*, fsync: bool = False) -> Iterator[PostgresServer]:
+    """A PostgreSQL server for the block (see :func:`start_postgres`), removed after it."""
+    server = start_postgres(fsync=fsync)
+    try:
+        yield server
+    finally:
+        remove_postgres(server)
