@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP_QUIET := --quiet --disable-pip-version-check
 
-.PHONY: demo test lint bench clean
+.PHONY: demo demo-fleet test lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,17 @@ $(VENV)/.installed-lint: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install $(PIP_QUIET) -e '.[lint]'
 	touch $@ $(VENV)/.installed-run
 
+$(VENV)/.installed-fleet: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install $(PIP_QUIET) -e '.[dashboard,postgres]'
+	touch $@
+
 demo: $(VENV)/.installed-run
 	$(BIN)/python examples/queue_worker.py
+
+# Two workers on one PostgreSQL queue and the fleet page (a throwaway cluster from
+# Debian's postgresql package unless FLEET_DSN is set).
+demo-fleet: $(VENV)/.installed-fleet
+	$(BIN)/python examples/fleet_demo.py
 
 test: $(VENV)/.installed-lint
 	$(MAKE) lint

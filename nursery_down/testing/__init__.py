@@ -40,6 +40,7 @@ from ._history import check_history as check_history
 from ._history import read_history as read_history
 from ._postgres import DSN_ENV as POSTGRES_DSN_ENV
 from ._postgres import PostgresServer as PostgresServer
+from ._postgres import find_bindir as find_bindir
 from ._postgres import remove_postgres as remove_postgres
 from ._postgres import start_postgres as start_postgres
 from ._postgres import throwaway_postgres as throwaway_postgres
@@ -67,6 +68,7 @@ __all__ = [
     "Target",
     "TargetError",
     "check_history",
+    "find_bindir",
     "read_history",
     "remove_postgres",
     "start_postgres",
