@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from quart import Quart, Response
+from quart import Quart, Response, request
 
+from nursery_down import UnknownServiceError
+
+from ._audit import log_safe
 from ._context import dashboard_context
 from ._responses import json_response
 
@@ -25,10 +28,14 @@ def register_health(app: Quart) -> None:
 
     @app.get("/readyz")
     async def readyz() -> Response:
-        state = supervisor.snapshot(max_jobs=0)["state"]
-        return json_response(
-            {"ready": state == "running", "state": state}, 200 if state == "running" else 503
-        )
+        # 503 while starting or draining, and while a service that counts for readiness
+        # is not RUNNING and healthy; ?service=NAME answers for that one service.
+        service = request.args.get("service")
+        try:
+            answer = supervisor.readiness(service)
+        except UnknownServiceError as exc:
+            return json_response({"ready": False, "error": log_safe(str(exc))}, 404)
+        return json_response(answer, 200 if answer["ready"] else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -74,6 +74,11 @@ class SupervisorCollector:
             "How long the current drain has lasted, or how long the last one took",
             labels=labels,
         )
+        healthy = GaugeMetricFamily(
+            "nursery_down_service_healthy",
+            "1 while the service's health is ok, 0 while it is not",
+            labels=labels,
+        )
         drains = _drain_durations(events)
         for service in snapshot["services"]:
             name = service["name"]
@@ -86,9 +91,20 @@ class SupervisorCollector:
             failed.add_metric([app, name], service["failed"])
             hard_cancelled.add_metric([app, name], service["hard_cancelled"])
             restarts.add_metric([app, name], service["restarts"])
+            healthy.add_metric([app, name], 1.0 if service["health"] == "ok" else 0.0)
             if name in drains:
                 drain.add_metric([app, name], drains[name])
-        yield from (state, in_flight, oldest, completed, failed, hard_cancelled, restarts, drain)
+        yield from (
+            state,
+            in_flight,
+            oldest,
+            completed,
+            failed,
+            hard_cancelled,
+            restarts,
+            healthy,
+            drain,
+        )
 
 
 def _drain_durations(events: list[dict[str, Any]]) -> dict[str, float]:

@@ -139,6 +139,8 @@ def event_text(event: dict[str, Any]) -> str:
         return f"{event['service']}: {state}{detail}"
     if event["kind"] == "app":
         return f"app: {message}"
+    if event["kind"] == "health" and event["service"]:
+        return f"{event['service']}: {message}"
     return str(message)
 
 

@@ -9,7 +9,9 @@ from typing import Any, Generic, TypeVar
 import trio
 
 from ._drain import Drain
+from ._events import EventHub
 from ._exceptions import ConfigurationError
+from ._health import HealthBoard
 from ._jobs import Job, JobCounters
 from ._validate import is_async_function, is_count
 from ._workers import Worker, WorkerGroup
@@ -39,6 +41,8 @@ class ServiceContext:
         drain: Drain,
         counters: JobCounters,
         on_ready: Callable[[ServiceContext], None],
+        health: HealthBoard | None = None,
+        known: Callable[[str], None] | None = None,
     ) -> None:
         self._name = name
         # Whether this run of the service is draining, and until when: asked, never kept.
@@ -46,7 +50,9 @@ class ServiceContext:
         self._counters = counters
         self._on_ready = on_ready
         self._ready_called = False
-        self._health = "ok"
+        # Shared with the other services (one owner of every service's health).
+        self._health_board = health if health is not None else HealthBoard(EventHub())
+        self._known = known
 
     # -- what a service reads -----------------------------------------------------------
 
@@ -67,12 +73,36 @@ class ServiceContext:
 
     @property
     def health(self) -> str:
-        """What the service last reported with :meth:`set_health` (``"ok"`` by default)."""
-        return self._health
+        """This service's health: ``"ok"`` unless it said otherwise (:meth:`set_health`)
+        or its health check found otherwise."""
+        return self._health_board.get(self._name).value
 
-    def set_health(self, health: str) -> None:
-        """Report the service's own health (``"ok"``, ``"degraded"``, ...) for the dashboard."""
-        self._health = str(health)
+    def set_health(self, health: str, reason: str | None = None) -> None:
+        """Report this service's own health: ``"ok"`` is healthy; anything else
+        (``"degraded"``, ``"unhealthy"``...) is not, with *reason* saying why. Shown on
+        the dashboard, in the timeline and ``/metrics``; ``/readyz`` answers 503 while
+        a service is not healthy."""
+        self._health_board.set(self._name, health, reason, by="the service")
+
+    def health_of(self, service: str) -> str:
+        """The health of another service (``"ok"``, ``"degraded"``...)."""
+        if self._known is not None:
+            self._known(service)
+        return self._health_board.get(service).value
+
+    async def wait_health(self, service: str, *, healthy: bool = True) -> str:
+        """Wait until *service* is healthy (or, with ``healthy=False``, until it is
+        not); return its health then. E.g. follow a dependency::
+
+            while True:
+                await ctx.wait_health("db", healthy=False)
+                ctx.set_health("degraded", "db is unhealthy")
+                await ctx.wait_health("db")
+                ctx.set_health("ok")
+        """
+        if self._known is not None:
+            self._known(service)
+        return (await self._health_board.wait(service, healthy=healthy)).value
 
     def ready(self) -> None:
         """Say the service is up: STARTING -> RUNNING, and the next service may start.

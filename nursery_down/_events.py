@@ -14,7 +14,8 @@ from ._closing import ClosesOnExit
 
 #: ``state``: a service changed state. ``action``: someone asked for drain/start/...
 #: ``signal``: the process received a signal. ``app``: the application as a whole changed.
-EventKind = Literal["state", "action", "signal", "app"]
+#: ``health``: a service's health changed (``state`` is the new health, ``previous`` the old).
+EventKind = Literal["state", "action", "signal", "app", "health"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,6 +42,8 @@ class ServiceRecord:
     restart_pending: bool = False
     #: True from launch until its runner task ended: never two runners at once.
     has_runner: bool = False
+    #: The scope of its health checks while it is RUNNING (cancelled when it leaves).
+    health_scope: trio.CancelScope | None = None
 
     @property
     def name(self) -> str:

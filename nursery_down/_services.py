@@ -21,6 +21,7 @@ from ._context import ServiceContext
 from ._drain import Drain, ShieldHost
 from ._events import EventHub
 from ._exceptions import InvalidTransitionError, UnknownServiceError
+from ._health import HealthBoard, run_checks
 from ._records import ServiceRecord
 from ._state import ACTIVE_STATES, ServiceState, Trigger, after_exit, next_state
 
@@ -55,6 +56,8 @@ class Services:
         #: The nursery the runner tasks start in, while the supervisor runs.
         self.nursery: trio.Nursery | None = None
         self._changed = trio.Event()
+        #: Every service's health (set by the services and by their health checks).
+        self.health = HealthBoard(hub)
 
     # -- looking up and waiting ---------------------------------------------------------
 
@@ -64,6 +67,10 @@ class Services:
             return self.by_name[name]
         except (KeyError, TypeError):
             raise UnknownServiceError(str(name), list(self.by_name)) from None
+
+    def _known(self, name: str) -> None:
+        """Raise :class:`UnknownServiceError` unless a service is called *name*."""
+        self.record(name)
 
     def all(self) -> list[ServiceRecord]:
         """Every record, in start order once running, else in registration order."""
@@ -103,6 +110,11 @@ class Services:
             detail=detail,
         )
         logger.info("service %s: %s -> %s: %s", record.name, previous.value, target.value, message)
+        if target is S.RUNNING and previous is not S.RUNNING:
+            self._start_health_checks(record)
+        elif previous is S.RUNNING and record.health_scope is not None:
+            record.health_scope.cancel()
+            record.health_scope = None
         self.wake()
         if target in (S.STOPPED, S.FAILED):
             record.settled.set()
@@ -168,8 +180,34 @@ class Services:
         trigger = Trigger.BACKOFF_OVER if record.state is S.BACKOFF else Trigger.START
         drain = Drain()
         record.drain = drain
-        record.context = ServiceContext(record.name, drain, record.counters, self._on_ready)
+        record.context = ServiceContext(
+            record.name, drain, record.counters, self._on_ready, self.health, self._known
+        )
+        if not self.health.get(record.name).healthy:
+            # A new run starts afresh: what the last one said of itself is not news.
+            self.health.set(record.name, "ok", by="a new run")
         self.transition(record, trigger, message)
+
+    def _start_health_checks(self, record: ServiceRecord) -> None:
+        """Run the service's health check while it is RUNNING (if it has one)."""
+        spec = record.spec
+        if spec.health is None or self.closing or record.context is None:
+            return
+        assert self.nursery is not None
+        scope = record.health_scope = trio.CancelScope()
+
+        async def check() -> None:
+            with scope:
+                await run_checks(
+                    self.health,
+                    record.name,
+                    spec.health,  # type: ignore[arg-type]  # checked above
+                    record.context,
+                    every=spec.health_every,
+                    limit=spec.health_timeout,
+                )
+
+        self.nursery.start_soon(check, name=f"health check of {record.name}")
 
     def _on_ready(self, context: ServiceContext) -> None:
         record = self.by_name[context.name]

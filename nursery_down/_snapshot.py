@@ -10,6 +10,7 @@ from typing import Any
 
 import trio
 
+from ._health import Health, HealthBoard
 from ._records import ServiceRecord
 from ._state import ServiceState
 
@@ -28,6 +29,7 @@ def build_snapshot(
     warnings: list[str],
     max_jobs: int | None,
     previous_generation: dict[str, Any] | None = None,
+    health: HealthBoard | None = None,
 ) -> dict[str, Any]:
     """The whole app as plain JSON-able data: the schema documented in the README."""
     try:
@@ -61,7 +63,7 @@ def build_snapshot(
         deadline = drain.deadline if drain is not None else math.inf
         if record.state is not ServiceState.DRAINING:
             deadline = math.inf
-        context = record.context
+        service_health = health.get(record.name) if health is not None else Health()
         service_grace = record.spec.grace if record.spec.grace is not None else grace
         services.append(
             {
@@ -73,7 +75,11 @@ def build_snapshot(
                 "hard_cancelled": counters.hard_cancelled,
                 "cut": record.cut,
                 "restarts": record.restarts,
-                "health": context.health if context is not None else "ok",
+                "health": service_health.value,
+                # Why it is not ok (a check's error, what the service said), else None.
+                "health_reason": service_health.reason,
+                # False: left out of the app's readiness (readiness=False).
+                "readiness": record.spec.readiness,
                 "since": record.since,
                 "oldest_job_age": counters.oldest_age(now),
                 "grace": service_grace,

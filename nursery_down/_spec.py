@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, get_args
 
 from ._exceptions import ConfigurationError, DependencyCycleError
+from ._health import HealthCheck, require_health_options
 from ._state import RestartPolicy
 from ._validate import is_async_function, require_seconds
 
@@ -66,6 +67,12 @@ class ServiceSpec:
     max_restarts: int
     within: float
     backoff: Backoff
+    #: A check the supervisor runs every *health_every* s while the service is RUNNING.
+    health: HealthCheck | None = None
+    health_every: float = 10.0
+    health_timeout: float = 5.0
+    #: False: the service's state and health do not count for the app's readiness.
+    readiness: bool = True
 
 
 def make_spec(
@@ -78,6 +85,10 @@ def make_spec(
     max_restarts: int,
     within: float,
     backoff: Backoff | None,
+    health: HealthCheck | None = None,
+    health_every: float = 10.0,
+    health_timeout: float = 5.0,
+    readiness: bool = True,
 ) -> ServiceSpec:
     """Validate a service definition and freeze it, with an error that says what to fix."""
     if not callable(function) or not is_async_function(function):
@@ -113,6 +124,13 @@ def make_spec(
             f"got {max_restarts!r}"
         )
     require_seconds(f"service {service_name!r}: within", within)
+    health_every, health_timeout = require_health_options(
+        service_name, health, health_every, health_timeout
+    )
+    if not isinstance(readiness, bool):
+        raise ConfigurationError(
+            f"service {service_name!r}: readiness must be True or False, got {readiness!r}"
+        )
     return ServiceSpec(
         name=service_name,
         function=function,
@@ -122,6 +140,10 @@ def make_spec(
         max_restarts=max_restarts,
         within=within,
         backoff=backoff if backoff is not None else Backoff(),
+        health=health,
+        health_every=health_every,
+        health_timeout=health_timeout,
+        readiness=readiness,
     )
 
 

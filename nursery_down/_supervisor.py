@@ -17,6 +17,7 @@ import trio
 
 from ._events import Event, EventHub, Subscription
 from ._exceptions import ConfigurationError, InvalidTransitionError
+from ._health import HealthCheck
 from ._records import ServiceRecord
 from ._services import Services
 from ._snapshot import build_snapshot
@@ -130,6 +131,10 @@ class Supervisor:
         max_restarts: int | None = None,
         within: float | None = None,
         backoff: Backoff | None = None,
+        health: HealthCheck | None = None,
+        health_every: float = 10.0,
+        health_timeout: float = 5.0,
+        readiness: bool = True,
     ) -> Callable[[ServiceFunction], ServiceFunction]: ...
 
     def service(
@@ -144,12 +149,23 @@ class Supervisor:
         max_restarts: int | None = None,
         within: float | None = None,
         backoff: Backoff | None = None,
+        health: HealthCheck | None = None,
+        health_every: float = 10.0,
+        health_timeout: float = 5.0,
+        readiness: bool = True,
     ) -> ServiceFunction | Callable[[ServiceFunction], ServiceFunction]:
         """Register an async function as a service: ``@sup.service`` or ``@sup.service(...)``.
 
         *restart*: ``"permanent"`` (always restart), ``"transient"`` (restart after an
         error only) or ``"temporary"`` (never). *after*: names of services that must
         be ready before this one starts. *grace* overrides the supervisor's grace.
+
+        *health*: ``async def check() -> str | None`` (or taking the ServiceContext),
+        run every *health_every* seconds while the service is RUNNING, each run at
+        most *health_timeout* seconds: None or ``"ok"`` is healthy, another string is
+        that health, an exception or a timeout is ``"unhealthy"`` with the reason.
+        *readiness*: False leaves the service out of the app's readiness (``/readyz``),
+        e.g. a background job that may stop without taking the instance out of rotation.
         """
 
         def register(fn: ServiceFunction) -> ServiceFunction:
@@ -162,6 +178,10 @@ class Supervisor:
                 max_restarts=max_restarts,
                 within=within,
                 backoff=backoff,
+                health=health,
+                health_every=health_every,
+                health_timeout=health_timeout,
+                readiness=readiness,
             )
             return fn
 
@@ -180,6 +200,10 @@ class Supervisor:
         max_restarts: int | None = None,
         within: float | None = None,
         backoff: Backoff | None = None,
+        health: HealthCheck | None = None,
+        health_every: float = 10.0,
+        health_timeout: float = 5.0,
+        readiness: bool = True,
     ) -> ServiceFunction:
         """Register *function* as a service (the non-decorator form of :meth:`service`)."""
         if self._app.state != "idle":
@@ -196,6 +220,10 @@ class Supervisor:
             max_restarts=self._default_max_restarts if max_restarts is None else max_restarts,
             within=self._default_within if within is None else within,
             backoff=backoff if backoff is not None else self._backoff,
+            health=health,
+            health_every=health_every,
+            health_timeout=health_timeout,
+            readiness=readiness,
         )
         if spec.name in self._services.by_name:
             raise ConfigurationError(
@@ -526,6 +554,34 @@ class Supervisor:
         """The recent events, oldest first."""
         return self._hub.history()
 
+    def readiness(self, service: str | None = None) -> dict[str, Any]:
+        """Whether the app should receive work now, and if not, why (``GET /readyz``).
+
+        Ready when the app is RUNNING and every service that counts for readiness
+        (all but those registered with ``readiness=False``) is RUNNING and healthy.
+        With *service*, whether that one service is RUNNING and healthy (in a running
+        app), whatever its ``readiness``. Returns ``{"ready": bool, "state": app
+        state, "reasons": [...]}``; :class:`UnknownServiceError` for an unknown name.
+        """
+        app_state = self._app.state
+        reasons: list[str] = []
+        if app_state != "running":
+            reasons.append(f"the app is {app_state if app_state != 'idle' else 'not started'}")
+        if service is not None:
+            records = [self._services.record(service)]
+        else:
+            records = [r for r in self._services.all() if r.spec.readiness]
+        board = self._services.health
+        for record in records:
+            if record.state is not ServiceState.RUNNING:
+                reasons.append(f"service {record.name} is {record.state.value}")
+                continue
+            health = board.get(record.name)
+            if not health.healthy:
+                why = f": {health.reason}" if health.reason else ""
+                reasons.append(f"service {record.name} is {health.value}{why}")
+        return {"ready": not reasons, "state": app_state, "reasons": reasons}
+
     def snapshot(self, *, max_jobs: int | None = None) -> dict[str, Any]:
         """The whole state as plain JSON-able data (the schema of ``GET /api/snapshot``).
 
@@ -558,6 +614,7 @@ class Supervisor:
             previous_generation=(
                 None if self._previous_generation is None else self._previous_generation()
             ),
+            health=self._services.health,
         )
 
     # -- internals ----------------------------------------------------------------------

@@ -93,17 +93,32 @@ async def test_probes_answer_without_token_or_known_host(served: Served) -> None
         ready = await served.client.get("/readyz", headers={"Host": "10.1.2.3:9000"})
     assert live.status_code == 200
     assert ready.status_code == 200
-    assert ready.json() == {"ready": True, "state": "running"}
+    assert ready.json() == {"ready": True, "state": "running", "reasons": []}
 
 
-async def test_readyz_is_503_while_the_app_drains(served: Served) -> None:
+async def test_readyz_is_503_while_a_service_is_drained_and_while_the_app_drains(
+    served: Served,
+) -> None:
     with trio.fail_after(LIMIT):
         await served.sup.drain("beta")
-        assert (await served.client.get("/readyz")).status_code == 200  # one service only
+        await served.sup.wait_state("beta", nd.ServiceState.STOPPED)
+        one = await served.client.get("/readyz")
+        alpha = await served.client.get("/readyz?service=alpha")
+        beta = await served.client.get("/readyz?service=beta")
+        unknown = await served.client.get("/readyz?service=gamma")
         await served.sup.drain(grace=10)
         response = await served.client.get("/readyz")
+    assert (one.status_code, one.json()) == (
+        503,
+        {"ready": False, "state": "running", "reasons": ["service beta is stopped"]},
+    )
+    assert (alpha.status_code, alpha.json()["ready"]) == (200, True)
+    assert (beta.status_code, beta.json()["reasons"]) == (503, ["service beta is stopped"])
+    assert unknown.status_code == 404
+    assert "unknown service 'gamma'" in unknown.json()["error"]
     assert response.status_code == 503
-    assert response.json() == {"ready": False, "state": "draining"}
+    assert response.json()["state"] == "draining"
+    assert response.json()["reasons"][0] == "the app is draining"
 
 
 async def test_readyz_is_503_before_the_supervisor_runs() -> None:

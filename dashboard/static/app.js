@@ -206,6 +206,10 @@
       for (const name of ["completed", "failed", "hard_cancelled", "restarts", "health"]) {
         setText(field(card, name), String(service[name]));
       }
+      const reason = field(card, "health_reason");
+      reason.hidden = !service.health_reason;
+      setText(reason, service.health_reason || "");
+      card.dataset.health = service.health;
       setText(field(card, "in_state"), duration(serverNow - service.since));
       const left = service.grace_deadline === null ? null : service.grace_deadline - serverNow;
       card.querySelector(".grace-left").hidden = left === null;
@@ -224,6 +228,7 @@
       const detail = event.message === event.state ? "" : ` (${event.message})`;
       return `${event.service}: ${event.state}${detail}`;
     }
+    if (event.kind === "health" && event.service) return `${event.service}: ${event.message}`;
     return event.kind === "app" ? `app: ${event.message}` : String(event.message);
   }
 
@@ -248,6 +253,12 @@
       if (service) {
         service.state = event.state;
         service.since = event.time;
+      }
+    } else if (event.kind === "health" && event.service) {
+      const service = latest.services.find((s) => s.name === event.service);
+      if (service) {
+        service.health = event.state;
+        service.health_reason = event.detail ? event.detail.reason : null;
       }
     } else if (event.kind === "app" && event.state) {
       latest.state = event.state;
