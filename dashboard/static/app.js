@@ -118,6 +118,79 @@
     setText(hidden, `${service.jobs_hidden} more hidden`);
   }
 
+  // -- charts: jobs per second and in flight, per service, over the last ten minutes -----
+
+  const CHART_SECONDS = 600;
+  const CHART_WIDTH = 300;
+  const CHART_HEIGHT = 60;
+  const SVG = "http://www.w3.org/2000/svg";
+  const samples = new Map(); // service name -> [{t, completed, failed, inFlight}]
+
+  // One sample a second at most, from the snapshots the page already receives (between
+  // snapshots nothing changed, so the last one still holds).
+  function sample(service, now) {
+    let list = samples.get(service.name);
+    if (!list) samples.set(service.name, (list = []));
+    const last = list[list.length - 1];
+    if (last && now - last.t < 1) return;
+    list.push({ t: now, completed: service.completed, failed: service.failed, inFlight: service.in_flight });
+    while (list.length && list[0].t < now - CHART_SECONDS) list.shift();
+  }
+
+  function line(points, className) {
+    const path = document.createElementNS(SVG, "polyline");
+    path.setAttribute("class", className);
+    path.setAttribute("points", points.map(([x, y]) => `${x.toFixed(1)},${y.toFixed(1)}`).join(" "));
+    return path;
+  }
+
+  // In flight (area-like line), completed and failed per second; during a drain the time
+  // axis runs on to the grace deadline, drawn as a dashed line.
+  function renderChart(card, service, now, deadline) {
+    const svg = field(card, "chart");
+    if (!svg) return;
+    const list = samples.get(service.name) || [];
+    const end = deadline !== null && deadline > now ? deadline : now;
+    // Ten minutes once there are, else the time since the page opened (a minute at least).
+    const first = list.length ? list[0].t : now;
+    const start = end - Math.min(CHART_SECONDS, Math.max(60, end - first));
+    const x = (t) => ((t - start) / (end - start)) * CHART_WIDTH;
+    const rates = [];
+    for (let i = 1; i < list.length; i += 1) {
+      const dt = list[i].t - list[i - 1].t;
+      if (dt <= 0) continue;
+      rates.push({
+        t: list[i].t,
+        completed: Math.max(0, list[i].completed - list[i - 1].completed) / dt,
+        failed: Math.max(0, list[i].failed - list[i - 1].failed) / dt,
+      });
+    }
+    const top = Math.max(1, ...list.map((s) => s.inFlight), ...rates.map((r) => Math.max(r.completed, r.failed)));
+    const y = (value) => CHART_HEIGHT - 2 - (value / top) * (CHART_HEIGHT - 4);
+    const parts = [
+      line(list.map((s) => [x(s.t), y(s.inFlight)]), "in-flight"),
+      line(rates.map((r) => [x(r.t), y(r.completed)]), "completed"),
+      line(rates.map((r) => [x(r.t), y(r.failed)]), "failed"),
+    ];
+    if (deadline !== null && deadline > now) {
+      const mark = document.createElementNS(SVG, "line");
+      mark.setAttribute("class", "deadline");
+      const at = Math.min(x(deadline), CHART_WIDTH - 1); // the right edge: keep it in view
+      for (const [name, value] of [["x1", at], ["x2", at], ["y1", 0], ["y2", CHART_HEIGHT]]) {
+        mark.setAttribute(name, value.toFixed(1));
+      }
+      parts.push(mark);
+    }
+    svg.replaceChildren(...parts);
+    const rate = rates.length ? rates[rates.length - 1].completed : 0;
+    svg.setAttribute(
+      "aria-label",
+      `Last ten minutes: ${service.in_flight} in flight now, ${rate.toFixed(1)} completed per second` +
+        (deadline !== null && deadline > now ? `, hard-cancel in ${duration(deadline - now)}` : ""),
+    );
+    card.dataset.samples = String(list.length);
+  }
+
   // The generation an upgrade replaced, while it drains and after (same as _view.py).
   function previousSummary(previous, serverNow) {
     const parts = [`pid ${previous.pid}`, previous.state];
@@ -218,6 +291,8 @@
       error.hidden = !service.last_error;
       setText(error, service.last_error || "");
       renderJobs(card, service, elapsed);
+      sample(service, serverNow);
+      renderChart(card, service, serverNow, service.grace_deadline);
       setImpacts(card, serviceImpacts({ ...service, jobs: aged }, left));
     }
     setImpacts(document.getElementById("app-actions"), appImpacts(snapshot, allJobs, appLeft));
