@@ -17,6 +17,7 @@ from ._audit import audit, log_safe, remote_address
 from ._auth import Guard
 from ._body import MAX_BODY_BYTES
 from ._context import EXTENSION, DashboardContext
+from ._dead import register_dead_letters
 from ._fleet import register_fleet
 from ._health import OPEN_PATHS, register_health
 from ._metrics import metrics_registry
@@ -170,5 +171,6 @@ def create_app(supervisor: Supervisor, *, token: str, allowed_hosts: Iterable[st
     register_pages(app)
     register_api(app)
     register_fleet(app)
+    register_dead_letters(app)
     register_health(app)
     return app

@@ -79,6 +79,11 @@ class SupervisorCollector:
             "1 while the service's health is ok, 0 while it is not",
             labels=labels,
         )
+        source_jobs = GaugeMetricFamily(
+            "nursery_down_source_jobs",
+            "Jobs in each of a service's job sources, by state (queued, leased, done, dead)",
+            labels=["app", "service", "source", "state"],
+        )
         drains = _drain_durations(events)
         for service in snapshot["services"]:
             name = service["name"]
@@ -92,6 +97,10 @@ class SupervisorCollector:
             hard_cancelled.add_metric([app, name], service["hard_cancelled"])
             restarts.add_metric([app, name], service["restarts"])
             healthy.add_metric([app, name], 1.0 if service["health"] == "ok" else 0.0)
+            for source in service.get("sources", []):
+                for key in ("queued", "leased", "done", "dead"):
+                    if source[key] is not None:
+                        source_jobs.add_metric([app, name, source["name"], key], source[key])
             if name in drains:
                 drain.add_metric([app, name], drains[name])
         yield from (
@@ -103,6 +112,7 @@ class SupervisorCollector:
             hard_cancelled,
             restarts,
             healthy,
+            source_jobs,
             drain,
         )
 

@@ -71,6 +71,8 @@ def _signature(snapshot: dict[str, Any]) -> object:
                 s["restarts"],
                 s["health"],
                 s["grace_deadline"],
+                s["health_reason"],
+                tuple((q["queued"], q["leased"], q["done"], q["dead"]) for q in s["sources"]),
                 tuple(job["key"] for job in s["jobs"]),
             )
             for s in snapshot["services"]

@@ -30,6 +30,7 @@ from ._exceptions import NoPostgresError as NoPostgresError
 from ._exceptions import NurseryDownError as NurseryDownError
 from ._exceptions import UnknownProcessError as UnknownProcessError
 from ._exceptions import UnknownServiceError as UnknownServiceError
+from ._exceptions import UnknownSourceError as UnknownSourceError
 from ._exceptions import UpgradeError as UpgradeError
 from ._jobs import Job as Job
 from ._listeners import listener as listener
@@ -73,6 +74,7 @@ __all__ = [
     "Supervisor",
     "UnknownProcessError",
     "UnknownServiceError",
+    "UnknownSourceError",
     "UpgradeError",
     "listener",
     "open_supervisor",

@@ -7,6 +7,7 @@ Every error a user can see derives from :class:`NurseryDownError`, so one
     ├── ConfigurationError          bad arguments or service definitions (exit code 2)
     │   └── DependencyCycleError    ``after=`` dependencies that form a cycle
     ├── UnknownServiceError         a control call named a service that does not exist
+    ├── UnknownSourceError          a service has no job source of that number
     ├── InvalidTransitionError      an action that the service's current state does not allow
     ├── DrainingError               a job was entered after its service began draining
     ├── UpgradeError                the new generation of an upgrade did not become ready
@@ -50,6 +51,20 @@ class UnknownServiceError(NurseryDownError, LookupError):
         self.known = known
         choices = ", ".join(repr(k) for k in known) or "none registered"
         super().__init__(f"unknown service {name!r}; known services: {choices}")
+
+
+class UnknownSourceError(NurseryDownError, LookupError):
+    """A service has no job source of that number (they are numbered from 0, as the
+    snapshot's ``sources`` lists them)."""
+
+    def __init__(self, service: str, index: object, count: int) -> None:
+        self.service = service
+        self.index = index
+        have = f"0 to {count - 1}" if count else "none"
+        super().__init__(
+            f"service {service!r} has no job source #{index!r} (it has {have}); the "
+            "snapshot's sources list them"
+        )
 
 
 class InvalidTransitionError(NurseryDownError):

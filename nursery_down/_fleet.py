@@ -41,7 +41,6 @@ from ._exceptions import (
     NurseryDownError,
     UnknownProcessError,
 )
-from ._pool import source_of
 from ._postgresql import (
     Handoff,
     OneConnection,
@@ -623,9 +622,9 @@ def fleet_sources(supervisor: Supervisor) -> list[Any]:
     """The PostgreSQL queues the supervisor's worker pools use (each once)."""
     found: list[Any] = []
     for name in supervisor.service_names:
-        source = source_of(supervisor._services.record(name).spec.function)
-        if source is not None and hasattr(source, "dsn") and source not in found:
-            found.append(source)
+        for source in supervisor._services.record(name).spec.sources:
+            if hasattr(source, "dsn") and source not in found:
+                found.append(source)
     return found
 
 

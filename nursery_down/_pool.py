@@ -313,9 +313,10 @@ def _fast_path(source: JobSource, name: str) -> Callable[..., Any] | None:
 _sources: weakref.WeakKeyDictionary[Callable[..., Any], JobSource] = weakref.WeakKeyDictionary()
 
 
-def source_of(function: Callable[..., Any]) -> JobSource | None:
-    """The job source of a service function made by :func:`worker_pool`, else None."""
+def sources_of(function: Callable[..., Any]) -> tuple[JobSource, ...]:
+    """The job source of a service function made by :func:`worker_pool` (else none)."""
     try:
-        return _sources.get(function)
+        source = _sources.get(function)
     except TypeError:  # not weakly referenceable: not one of ours
-        return None
+        return ()
+    return () if source is None else (source,)

@@ -12,6 +12,7 @@ import trio
 
 from ._health import Health, HealthBoard
 from ._records import ServiceRecord
+from ._sources import SourceWatch
 from ._state import ServiceState
 
 
@@ -30,6 +31,7 @@ def build_snapshot(
     max_jobs: int | None,
     previous_generation: dict[str, Any] | None = None,
     health: HealthBoard | None = None,
+    sources: SourceWatch | None = None,
 ) -> dict[str, Any]:
     """The whole app as plain JSON-able data: the schema documented in the README."""
     try:
@@ -80,6 +82,8 @@ def build_snapshot(
                 "health_reason": service_health.reason,
                 # False: left out of the app's readiness (readiness=False).
                 "readiness": record.spec.readiness,
+                # Its job sources: backlog, rates in and out, dead letters.
+                "sources": [] if sources is None else sources.view(record.name),
                 "since": record.since,
                 "oldest_job_age": counters.oldest_age(now),
                 "grace": service_grace,

@@ -10,8 +10,10 @@ from typing import TYPE_CHECKING, get_args
 
 from ._exceptions import ConfigurationError, DependencyCycleError
 from ._health import HealthCheck, require_health_options
+from ._sources import require_sources
 from ._state import RestartPolicy
 from ._validate import is_async_function, require_seconds
+from .queues._source import JobSource
 
 if TYPE_CHECKING:
     from ._context import ServiceContext
@@ -73,6 +75,8 @@ class ServiceSpec:
     health_timeout: float = 5.0
     #: False: the service's state and health do not count for the app's readiness.
     readiness: bool = True
+    #: The job sources it uses (its worker pool's, and any given): watched and shown.
+    sources: tuple[JobSource, ...] = ()
 
 
 def make_spec(
@@ -89,6 +93,7 @@ def make_spec(
     health_every: float = 10.0,
     health_timeout: float = 5.0,
     readiness: bool = True,
+    sources: Iterable[object] = (),
 ) -> ServiceSpec:
     """Validate a service definition and freeze it, with an error that says what to fix."""
     if not callable(function) or not is_async_function(function):
@@ -144,6 +149,7 @@ def make_spec(
         health_every=health_every,
         health_timeout=health_timeout,
         readiness=readiness,
+        sources=require_sources(service_name, sources),
     )
 
 

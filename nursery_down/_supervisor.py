@@ -18,9 +18,11 @@ import trio
 from ._events import Event, EventHub, Subscription
 from ._exceptions import ConfigurationError, InvalidTransitionError
 from ._health import HealthCheck
+from ._pool import sources_of
 from ._records import ServiceRecord
 from ._services import Services
 from ._snapshot import build_snapshot
+from ._sources import SourceWatch
 from ._spec import Backoff, ServiceFunction, make_spec, start_order
 from ._state import ACTIVE_STATES, ServiceState
 from ._validate import require_extension, require_seconds
@@ -37,6 +39,7 @@ from ._whole_app import (
     EXIT_USAGE as EXIT_USAGE,
 )
 from ._whole_app import AppState, WholeApp
+from .queues._source import DeadJob, JobSource
 
 logger = logging.getLogger("nursery_down")
 
@@ -103,6 +106,8 @@ class Supervisor:
             grace=lambda: self.grace,
             pre_drain=lambda: self.pre_drain,
         )
+        # The job sources of the services: figures read while they run.
+        self._sources = SourceWatch(lambda name: self._services.record(name).state in ACTIVE_STATES)
         # Shown in the snapshot: e.g. a grace that does not fit the outer kill deadline.
         self._warnings: list[str] = []
         # Set by nd.run: starts the next generation of the program (see upgrade()).
@@ -135,6 +140,7 @@ class Supervisor:
         health_every: float = 10.0,
         health_timeout: float = 5.0,
         readiness: bool = True,
+        sources: Iterable[JobSource] = (),
     ) -> Callable[[ServiceFunction], ServiceFunction]: ...
 
     def service(
@@ -153,6 +159,7 @@ class Supervisor:
         health_every: float = 10.0,
         health_timeout: float = 5.0,
         readiness: bool = True,
+        sources: Iterable[JobSource] = (),
     ) -> ServiceFunction | Callable[[ServiceFunction], ServiceFunction]:
         """Register an async function as a service: ``@sup.service`` or ``@sup.service(...)``.
 
@@ -166,6 +173,8 @@ class Supervisor:
         that health, an exception or a timeout is ``"unhealthy"`` with the reason.
         *readiness*: False leaves the service out of the app's readiness (``/readyz``),
         e.g. a background job that may stop without taking the instance out of rotation.
+        *sources*: job sources the service uses besides its worker pool's: their
+        backlog, rates and dead letters are shown with the service.
         """
 
         def register(fn: ServiceFunction) -> ServiceFunction:
@@ -182,6 +191,7 @@ class Supervisor:
                 health_every=health_every,
                 health_timeout=health_timeout,
                 readiness=readiness,
+                sources=sources,
             )
             return fn
 
@@ -204,6 +214,7 @@ class Supervisor:
         health_every: float = 10.0,
         health_timeout: float = 5.0,
         readiness: bool = True,
+        sources: Iterable[JobSource] = (),
     ) -> ServiceFunction:
         """Register *function* as a service (the non-decorator form of :meth:`service`)."""
         if self._app.state != "idle":
@@ -224,6 +235,7 @@ class Supervisor:
             health_every=health_every,
             health_timeout=health_timeout,
             readiness=readiness,
+            sources=_with_pool_source(function, sources),
         )
         if spec.name in self._services.by_name:
             raise ConfigurationError(
@@ -231,6 +243,7 @@ class Supervisor:
                 "pass a different name="
             )
         self._services.by_name[spec.name] = ServiceRecord(spec=spec)
+        self._sources.add(spec.name, spec.sources)
         return function
 
     @property
@@ -266,6 +279,7 @@ class Supervisor:
         try:
             async with trio.open_nursery() as nursery:
                 services.nursery = nursery
+                nursery.start_soon(self._sources.run, name="job source figures")
                 try:
                     await app.start_up()
                     task_status.started()
@@ -540,6 +554,50 @@ class Supervisor:
         self._action("upgrade", None, actor)
         return await self._upgrade(actor)
 
+    async def dead_letters(self, service: str, *, source: int = 0) -> list[DeadJob]:
+        """The dead letters of *service*'s job source number *source* (its worker
+        pool's is 0), oldest first. :class:`UnknownServiceError` or
+        :class:`UnknownSourceError` for a name or number it does not have."""
+        self._services.record(service)
+        return await self._sources.dead_letters(service, source)
+
+    async def requeue_dead_letters(
+        self,
+        service: str,
+        ids: Iterable[int] | None = None,
+        *,
+        source: int = 0,
+        actor: str = "code",
+    ) -> int:
+        """Put dead letters *ids* (all when None) back in the queue; return how many."""
+        return await self._settle_dead("requeue", service, ids, source, actor)
+
+    async def discard_dead_letters(
+        self,
+        service: str,
+        ids: Iterable[int] | None = None,
+        *,
+        source: int = 0,
+        actor: str = "code",
+    ) -> int:
+        """Delete dead letters *ids* (all when None) for good; return how many."""
+        return await self._settle_dead("discard", service, ids, source, actor)
+
+    async def _settle_dead(
+        self, action: str, service: str, ids: Iterable[int] | None, source: int, actor: str
+    ) -> int:
+        self._services.record(service)
+        chosen = None if ids is None else [int(i) for i in ids]
+        entry = self._sources.entry(service, source)
+        what = "all" if chosen is None else f"{len(chosen)}"
+        self._action(
+            f"{action} {what} dead letters of {entry.name} in",
+            service,
+            actor,
+            ids=chosen[:100] if chosen is not None else None,
+        )
+        return await self._sources.settle_dead(service, source, action, chosen)
+
     def announce(self, message: str, **detail: Any) -> None:
         """Publish *message* about the whole app: the timeline shows it, the log has it."""
         self._app.event(message, **detail)
@@ -615,6 +673,7 @@ class Supervisor:
                 None if self._previous_generation is None else self._previous_generation()
             ),
             health=self._services.health,
+            sources=self._sources,
         )
 
     # -- internals ----------------------------------------------------------------------
@@ -661,3 +720,12 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, BaseExceptionGroup):
         return ", ".join(_describe(inner) for inner in exc.exceptions if _has_error(inner))
     return f"{type(exc).__name__}({exc})" if str(exc) else type(exc).__name__
+
+
+def _with_pool_source(function: object, sources: Iterable[JobSource]) -> Iterable[object]:
+    """A worker pool's source first, then *sources* (a string is left for the check to
+    refuse, rather than taken letter by letter)."""
+    given: object = sources
+    if isinstance(given, str | bytes):
+        return given
+    return (*sources_of(function), *sources)  # type: ignore[arg-type]

@@ -118,6 +118,124 @@
     setText(hidden, `${service.jobs_hidden} more hidden`);
   }
 
+  // -- job sources: figures, and dead letters on request ------------------------------------
+
+  function sourceSummary(source) {
+    if (source.error) return `cannot read it: ${source.error}`;
+    if (source.queued === null) return "not read yet";
+    const parts = ["queued", "leased", "done", "dead"].map((key) => `${key} ${source[key]}`);
+    if (source.rate_in !== null) parts.push(`in ${source.rate_in.toFixed(1)}/s`);
+    if (source.rate_out !== null) parts.push(`out ${source.rate_out.toFixed(1)}/s`);
+    return parts.join(" · ");
+  }
+
+  function renderSources(card, service) {
+    for (const source of service.sources || []) {
+      const element = card.querySelector(`.source[data-source="${source.index}"]`);
+      if (element) setText(field(element, "source_summary"), sourceSummary(source));
+    }
+  }
+
+  function deadForm(url, action, label, ids) {
+    const form = document.createElement("form");
+    form.className = "dead-act";
+    form.method = "post";
+    form.action = `${url}/${action}`;
+    form.dataset.label = label;
+    const input = document.createElement("input");
+    input.type = "hidden";
+    input.name = ids === null ? "all" : "ids";
+    input.value = ids === null ? "true" : String(ids);
+    const button = document.createElement("button");
+    button.type = "submit";
+    button.textContent = label;
+    form.append(input, button);
+    return form;
+  }
+
+  async function loadDead(details) {
+    const holder = details.querySelector('[data-field="dead_list"]');
+    const url = details.dataset.url;
+    const actions = (details.dataset.actions || "").split(" ");
+    try {
+      const response = await fetch(url, { headers: { Accept: "application/json" }, credentials: "same-origin" });
+      const body = await response.json();
+      if (!response.ok) throw new Error(body.error || String(response.status));
+      const rows = body.dead.map((job) => {
+        const row = document.createElement("tr");
+        for (const value of [job.id, job.preview, job.attempts, job.error, clock(job.died_at)]) {
+          const cell = document.createElement("td");
+          cell.textContent = String(value);
+          row.append(cell);
+        }
+        const cell = document.createElement("td");
+        if (actions.includes("requeue")) cell.append(deadForm(url, "requeue", "Requeue", job.id));
+        if (actions.includes("discard")) cell.append(deadForm(url, "discard", "Discard", job.id));
+        row.append(cell);
+        return row;
+      });
+      const table = document.createElement("table");
+      const head = document.createElement("tr");
+      for (const name of ["Id", "Payload", "Attempts", "Last error", "Died", ""]) {
+        const cell = document.createElement("th");
+        cell.textContent = name;
+        head.append(cell);
+      }
+      table.append(head, ...rows);
+      const summary = document.createElement("p");
+      summary.textContent = body.total > body.dead.length
+        ? `${body.total} dead letters; the oldest ${body.dead.length} are listed.`
+        : `${body.total} dead letters.`;
+      const all = document.createElement("p");
+      if (body.total && actions.includes("requeue")) all.append(deadForm(url, "requeue", "Requeue all", null));
+      if (body.total && actions.includes("discard")) all.append(deadForm(url, "discard", "Discard all", null));
+      holder.replaceChildren(summary, ...(body.total ? [table, all] : []));
+    } catch (error) {
+      const message = document.createElement("p");
+      message.className = "error";
+      message.textContent = `Cannot list them: ${error.message}`;
+      holder.replaceChildren(message);
+    }
+  }
+
+  document.addEventListener(
+    "toggle",
+    (toggled) => {
+      const details = toggled.target;
+      if (details instanceof HTMLDetailsElement && details.classList.contains("dead") && details.open) {
+        loadDead(details);
+      }
+    },
+    true,
+  );
+
+  document.addEventListener("submit", async (submitted) => {
+    const form = submitted.target;
+    if (!(form instanceof HTMLFormElement) || !form.classList.contains("dead-act")) return;
+    submitted.preventDefault();
+    const details = form.closest("details.dead");
+    const card = form.closest(".service");
+    const what = `${form.dataset.label}: dead letters of ${card ? card.dataset.service : "a service"}`;
+    try {
+      const response = await fetch(form.action, {
+        method: "POST",
+        body: new URLSearchParams(new FormData(form)),
+        headers: { Accept: "application/json" },
+        credentials: "same-origin",
+      });
+      const body = await response.json().catch(() => null);
+      if (response.ok) {
+        const count = body ? (body.requeued ?? body.discarded) : "?";
+        showNotice("ok", `${what}: ${count} done.`);
+      } else {
+        showNotice("error", `${what}: ${body && body.error ? body.error : response.status}`);
+      }
+    } catch (error) {
+      showNotice("error", `${what}: the dashboard did not answer (${error.message}).`);
+    }
+    if (details) loadDead(details);
+  });
+
   // -- charts: jobs per second and in flight, per service, over the last ten minutes -----
 
   const CHART_SECONDS = 600;
@@ -291,6 +409,7 @@
       error.hidden = !service.last_error;
       setText(error, service.last_error || "");
       renderJobs(card, service, elapsed);
+      renderSources(card, service);
       sample(service, serverNow);
       renderChart(card, service, serverNow, service.grace_deadline);
       setImpacts(card, serviceImpacts({ ...service, jobs: aged }, left));
