@@ -149,6 +149,30 @@ def build_parser() -> argparse.ArgumentParser:
     extend.add_argument("seconds", type=_seconds, metavar="SECONDS")
     extend.add_argument("service", nargs="?", metavar="SERVICE", help="default: the whole app")
     add_connection(extend)
+    dead = commands.add_parser(
+        "dead",
+        help="list, requeue or discard the dead letters of a service's job source",
+        description="Dead letters: jobs that failed every attempt. 'list' shows them (every "
+        "service's sources without SERVICE); 'requeue' puts them back in the queue; "
+        "'discard' deletes them for good. Name the job ids, or pass --all.",
+    )
+    dead.add_argument(
+        "action",
+        choices=("list", "requeue", "discard"),
+        metavar="ACTION",
+        help="list, requeue or discard",
+    )
+    dead.add_argument("service", nargs="?", metavar="SERVICE", help="the service")
+    dead.add_argument("ids", nargs="*", type=_job_id, metavar="ID", help="dead letter ids")
+    dead.add_argument(
+        "--source",
+        type=int,
+        default=0,
+        metavar="N",
+        help="which of the service's job sources (default 0: its worker pool's)",
+    )
+    dead.add_argument("--all", action="store_true", help="requeue or discard every one")
+    add_connection(dead)
     fleet_command = commands.add_parser(
         "fleet",
         help="list the processes of the fleet, or act on one of them",
@@ -188,6 +212,12 @@ ACTIONS = {
 
 
 FLEET_ACTIONS = ("drain", "start", "restart", "escalate", "upgrade")
+
+
+def _job_id(text: str) -> int:
+    if not (text.isascii() and text.isdigit() and len(text) < 19):
+        raise argparse.ArgumentTypeError(f"a job id is a whole number, got {text!r}")
+    return int(text)
 
 
 def _seconds(text: str) -> float:
@@ -314,6 +344,9 @@ def _operate(args: argparse.Namespace) -> int:
             text = _fleet(client, args)
             print(text)  # noqa: T201
             return 0
+        if args.command == "dead":
+            print(_dead(client, args))  # noqa: T201
+            return 0
         if args.command == "status":
             snapshot = client.snapshot()
             if args.service is not None and args.service not in {
@@ -374,6 +407,58 @@ def _fleet(client: Any, args: argparse.Namespace) -> str:
         return json.dumps(answer, indent=2)
     target = f"service {args.service} of" if args.service else "process"
     return f"{args.action} {target} {process['name']} ({process['id']}): {answer['result']}"
+
+
+def _dead(client: Any, args: argparse.Namespace) -> str:
+    """``nursery-down dead list|requeue|discard [SERVICE] [ID...] [--all]``."""
+    from ._client import ClientError, one_line
+
+    if args.action == "list":
+        if args.ids or args.all:
+            raise ClientError("dead list takes no ids and no --all")
+        if args.service is not None:
+            targets = [(args.service, args.source)]
+        else:
+            snapshot = client.snapshot()
+            targets = [
+                (service["name"], source["index"])
+                for service in snapshot["services"]
+                for source in service.get("sources", [])
+                if "list" in source.get("dead_letters", [])
+            ]
+        listings = [(name, index, client.dead_letters(name, index)) for name, index in targets]
+        if args.json:
+            return json.dumps(
+                [{"service": n, "source": i, **answer} for n, i, answer in listings], indent=2
+            )
+        rows: list[tuple[str, ...]] = [("SERVICE", "SOURCE", "ID", "ATTEMPTS", "ERROR", "PAYLOAD")]
+        lines: list[str] = []
+        for name, index, answer in listings:
+            for job in answer["dead"]:
+                rows.append(
+                    (
+                        name,
+                        str(index),
+                        str(job["id"]),
+                        str(job.get("attempts", "")),
+                        one_line(str(job.get("error", "")))[:60],
+                        one_line(str(job.get("preview", "")))[:60],
+                    )
+                )
+            if answer["total"] > len(answer["dead"]):
+                lines.append(f"({name}: {answer['total']} in all, the oldest listed)")
+        if len(rows) == 1:
+            return "no dead letters"
+        return "\n".join([*_table(rows), *lines])
+    if args.service is None:
+        raise ClientError(f"dead {args.action} needs a SERVICE, then ids or --all")
+    if bool(args.ids) == args.all:
+        raise ClientError(f"dead {args.action}: name the ids, or pass --all (not both)")
+    answer = client.settle_dead(args.service, args.source, args.action, args.ids or None)
+    if args.json:
+        return json.dumps(answer, indent=2)
+    done = "requeued" if args.action == "requeue" else "discarded"
+    return f"{done} {answer[done]} dead letters of {args.service} (source {args.source})"
 
 
 def _find_process(processes: list[dict[str, Any]], wanted: str) -> dict[str, Any]:
@@ -486,6 +571,15 @@ def format_status(snapshot: dict[str, Any], *, only: str | None = None) -> str:
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = [f"{snapshot['app']} (pid {snapshot['pid']}): {snapshot['state']}"]
+    lines_after: list[str] = []
+    for service in snapshot["services"]:
+        if only is not None and service["name"] != only:
+            continue
+        for source in service.get("sources", []):
+            figures = ", ".join(
+                f"{key} {source.get(key)}" for key in ("queued", "leased", "done", "dead")
+            )
+            lines_after.append(f"  {service['name']} source {source.get('name')}: {figures}")
     previous = snapshot.get("previous_generation")
     if previous:
         # After an upgrade: the generation this one replaced, while it drains and after.
@@ -501,4 +595,6 @@ def format_status(snapshot: dict[str, Any], *, only: str | None = None) -> str:
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         for row in rows
     ]
+    if lines_after:
+        lines += ["job sources:", *lines_after]
     return "\n".join(lines)

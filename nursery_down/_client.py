@@ -69,6 +69,18 @@ class ApiClient:
             path = f"/api/services/{urllib.parse.quote(service, safe='')}/{action}"
         return self._request("POST", path, body)
 
+    def dead_letters(self, service: str, source: int) -> dict[str, Any]:
+        """``GET /api/services/<service>/sources/<source>/dead``."""
+        return self._request("GET", _dead_path(service, source), check=_require_dead)
+
+    def settle_dead(
+        self, service: str, source: int, action: str, ids: list[int] | None
+    ) -> dict[str, Any]:
+        """Requeue or discard (*action*) dead letters *ids* (all when None)."""
+        body: dict[str, Any] = {"all": True} if ids is None else {"ids": ids}
+        path = f"{_dead_path(service, source)}/{action}"
+        return self._request("POST", path, body, check=_require_settled)
+
     def fleet(self) -> dict[str, Any]:
         """``GET /api/fleet``: every process of the fleet this program is in."""
         return self._request("GET", "/api/fleet", check=_require_fleet)
@@ -225,3 +237,28 @@ def _require_command(answer: object, where: str) -> dict[str, Any]:
     if isinstance(answer, dict) and isinstance(answer.get("result"), str):
         return answer
     raise ClientError(f"{where} did not answer what came of the action")
+
+
+def _dead_path(service: str, source: int) -> str:
+    return f"/api/services/{urllib.parse.quote(service, safe='')}/sources/{int(source)}/dead"
+
+
+def _require_dead(answer: object, where: str) -> dict[str, Any]:
+    """*answer* if it lists dead letters, else :class:`ClientError`."""
+    if (
+        isinstance(answer, dict)
+        and isinstance(answer.get("dead"), list)
+        and isinstance(answer.get("total"), int)
+        and all(isinstance(job, dict) and "id" in job for job in answer["dead"])
+    ):
+        return answer
+    raise ClientError(f"{where} did not answer a list of dead letters")
+
+
+def _require_settled(answer: object, where: str) -> dict[str, Any]:
+    """*answer* if it says how many dead letters were requeued or discarded."""
+    if isinstance(answer, dict) and any(
+        isinstance(answer.get(key), int) for key in ("requeued", "discarded")
+    ):
+        return answer
+    raise ClientError(f"{where} did not say how many dead letters it settled")

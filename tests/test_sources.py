@@ -6,6 +6,10 @@ dead-letter actions run against a real PostgresQueue.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import partial
@@ -20,6 +24,7 @@ import nursery_down as nd
 from nursery_down.dashboard import serve_dashboard
 from nursery_down.queues import MemoryQueue, PostgresQueue, QueuedJob
 from tests.dashboard_helpers import CHROMIUM, CHROMIUM_ARGS, run_program
+from tests.polling import wait_for
 
 TOKEN = "sources-test-token-7d21c0"
 LIMIT = 30.0
@@ -215,3 +220,68 @@ def test_an_operator_requeues_and_discards_dead_letters_from_the_page(
         assert "action: requeue 1 dead letters of orders in service orders by browser" in (
             program.stderr()
         )
+
+
+def test_the_cli_lists_requeues_and_discards_dead_letters(
+    tmp_path: Path, postgres_dsn: str
+) -> None:
+    target = str(Path(__file__).parent / "programs" / "dead_letters_app.py") + ":sup"
+    with run_program(tmp_path, target=target, DEAD_DSN=postgres_dsn) as program:
+
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            environment = {k: v for k, v in os.environ.items() if not k.startswith("NURSERY_DOWN_")}
+            return subprocess.run(
+                [sys.executable, "-m", "nursery_down", *args, "--url", program.url],
+                env={**environment, "NURSERY_DOWN_TOKEN": program.token},
+                capture_output=True,
+                text=True,
+                timeout=LIMIT,
+                check=False,
+            )
+
+        def dead_count() -> int:
+            (source,) = program.service("orders")["sources"]
+            return int(source["dead"] or 0)
+
+        wait_for(lambda: dead_count() == 3, what="three dead letters", process=program.process)
+        listed = cli("dead", "list")
+        assert listed.returncode == 0, listed.stderr
+        assert listed.stdout.splitlines()[0].split() == [
+            "SERVICE",
+            "SOURCE",
+            "ID",
+            "ATTEMPTS",
+            "ERROR",
+            "PAYLOAD",
+        ]
+        assert len(listed.stdout.splitlines()) == 4
+        assert "ValueError: order 0 is poison <b>" in listed.stdout
+        ids = [
+            job["id"]
+            for job in json.loads(cli("dead", "list", "orders", "--json").stdout)[0]["dead"]
+        ]
+        requeued = cli("dead", "requeue", "orders", str(ids[0]))
+        assert requeued.stdout.strip() == "requeued 1 dead letters of orders (source 0)"
+        status = cli("status")
+        assert "job sources:" in status.stdout
+        assert "orders source orders: queued" in status.stdout
+        wait_for(
+            lambda: dead_count() == 3, what="the requeued job dead again", process=program.process
+        )
+        discarded = cli("dead", "discard", "orders", "--all")
+        assert discarded.stdout.strip() == "discarded 3 dead letters of orders (source 0)"
+        assert cli("dead", "list").stdout.strip() == "no dead letters"
+        for args, message in [
+            (("dead", "requeue"), "dead requeue needs a SERVICE"),
+            (("dead", "requeue", "orders"), "name the ids, or pass --all"),
+            (("dead", "discard", "orders", "1", "--all"), "name the ids, or pass --all"),
+            (("dead", "list", "--all"), "dead list takes no ids and no --all"),
+            (("dead", "list", "nope"), "unknown service 'nope'"),
+            (("dead", "list", "orders", "--source", "3"), "has no job source #3"),
+            (("dead", "requeue", "orders", "abc"), "a job id is a whole number"),
+        ]:
+            refused = cli(*args)
+            assert refused.returncode == 2, (args, refused)
+            assert message in refused.stderr, (args, refused.stderr)
+            assert "Traceback" not in refused.stderr
+        assert program.terminate()[0] == 0
