@@ -85,7 +85,8 @@ class SourceFigures:
     async def read(self) -> None:
         """Read the source's figures now; a failure is kept as text, never raised."""
         statistics = getattr(self.source, "statistics", None)
-        if not callable(statistics) or getattr(self.source, "closed", False) is True:
+        reopens = callable(getattr(self.source, "open", None))
+        if not callable(statistics) or (reopens and getattr(self.source, "closed", False) is True):
             return  # nothing to read, or closed by its service: never open it again here
         try:
             figures = statistics()

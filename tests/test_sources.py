@@ -60,7 +60,7 @@ async def test_a_worker_pools_source_and_its_rates_are_in_the_snapshot(
             first, second = sup.snapshot()["services"][0]["sources"]
             assert (first["index"], first["name"]) == (0, "MemoryQueue")
             assert (first["queued"], first["leased"], first["done"], first["dead"]) == (0, 0, 0, 10)
-            assert first["dead_letters"] == ["list"]
+            assert first["dead_letters"] == ["list", "requeue", "discard"]
             assert second["index"] == 1
             for number in range(20):
                 queue.put_nowait({"n": number})
@@ -72,8 +72,22 @@ async def test_a_worker_pools_source_and_its_rates_are_in_the_snapshot(
     assert [job.payload for job in dead][:2] == [{"n": 0}, {"n": 1}]
     with pytest.raises(nd.UnknownSourceError, match="has no job source #2"):
         await sup.dead_letters("pool", source=2)
+    class NoDeadLetters:  # a source of the user's that keeps none
+        async def claim(self) -> None: ...
+        async def ack(self, job: object) -> None: ...
+        async def release(self, job: object) -> None: ...
+        async def fail(self, job: object, error: object) -> None: ...
+
+    plain = nd.Supervisor("plain")
+    plain.add(nd.worker_pool(MemoryQueue(), always_fails), name="pool", sources=[NoDeadLetters()])
+    with pytest.raises(nd.InvalidTransitionError, match="cannot list its dead letters"):
+        await plain.dead_letters("pool", source=1)
     with pytest.raises(nd.InvalidTransitionError, match="cannot requeue its dead letters"):
-        await sup.requeue_dead_letters("pool")
+        await plain.requeue_dead_letters("pool", source=1, actor="test")
+    # MemoryQueue keeps them: requeued, they run (and fail) again.
+    assert queue.requeue_dead_letters([1, 2, 10**6]) == 2
+    assert queue.purge_dead_letters() == 28
+    assert queue.statistics().queued == 2
     with pytest.raises(nd.UnknownServiceError):
         await sup.dead_letters("nope")
 

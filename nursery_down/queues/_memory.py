@@ -156,6 +156,25 @@ class MemoryQueue:
         """The jobs that failed ``max_attempts`` times, oldest first."""
         return list(self._dead)
 
+    def requeue_dead_letters(self, ids: Iterable[int] | None = None) -> int:
+        """Put dead letters *ids* (all when None) back in the queue with their attempts
+        reset; return how many. Unknown ids are ignored."""
+        chosen = None if ids is None else set(ids)
+        back = [job for job in self._dead if chosen is None or job.id in chosen]
+        self._dead = [job for job in self._dead if job not in back]
+        self._queued.extend(QueuedJob(job.id, job.payload, 0) for job in back)
+        if back:
+            self._wake()
+        return len(back)
+
+    def purge_dead_letters(self, ids: Iterable[int] | None = None) -> int:
+        """Delete dead letters *ids* (all when None) for good; return how many."""
+        chosen = None if ids is None else set(ids)
+        kept = [job for job in self._dead if chosen is not None and job.id not in chosen]
+        purged = len(self._dead) - len(kept)
+        self._dead = kept
+        return purged
+
     @property
     def closed(self) -> bool:
         """True once :meth:`close` was called."""
