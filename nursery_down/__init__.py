@@ -30,6 +30,7 @@ from ._exceptions import NoPostgresError as NoPostgresError
 from ._exceptions import NurseryDownError as NurseryDownError
 from ._exceptions import UnknownProcessError as UnknownProcessError
 from ._exceptions import UnknownServiceError as UnknownServiceError
+from ._exceptions import UnknownJobError as UnknownJobError
 from ._exceptions import UnknownSourceError as UnknownSourceError
 from ._exceptions import UpgradeError as UpgradeError
 from ._jobs import Job as Job
@@ -73,6 +74,7 @@ __all__ = [
     "Subscription",
     "Supervisor",
     "UnknownProcessError",
+    "UnknownJobError",
     "UnknownServiceError",
     "UnknownSourceError",
     "UpgradeError",

@@ -11,9 +11,12 @@ intake iterators, the job blocks and the workers ask it; the supervisor tells it
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
+
+if TYPE_CHECKING:
+    from ._reports import ServiceDrainReport
 
 
 class ShieldHost:
@@ -110,6 +113,9 @@ class Drain:
         self.worker_cut = False
         #: The clock's own method: trio.current_time() looks the clock up on each call.
         self.now = trio.lowlevel.current_clock().current_time
+        #: The report of the drain under way (None until it begins, and once it is
+        #: told): each job in flight tells it how it ended.
+        self.report: ServiceDrainReport | None = None
 
     # -- told by the supervisor ------------------------------------------------------
 

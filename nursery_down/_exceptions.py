@@ -8,6 +8,7 @@ Every error a user can see derives from :class:`NurseryDownError`, so one
     │   └── DependencyCycleError    ``after=`` dependencies that form a cycle
     ├── UnknownServiceError         a control call named a service that does not exist
     ├── UnknownSourceError          a service has no job source of that number
+    ├── UnknownJobError             no job of that key is in flight in the service
     ├── InvalidTransitionError      an action that the service's current state does not allow
     ├── DrainingError               a job was entered after its service began draining
     ├── UpgradeError                the new generation of an upgrade did not become ready
@@ -64,6 +65,18 @@ class UnknownSourceError(NurseryDownError, LookupError):
         super().__init__(
             f"service {service!r} has no job source #{index!r} (it has {have}); the "
             "snapshot's sources list them"
+        )
+
+
+class UnknownJobError(NurseryDownError, LookupError):
+    """No job of that key is in flight in the service (it may just have ended)."""
+
+    def __init__(self, service: str, key: str) -> None:
+        self.service = service
+        self.key = key
+        super().__init__(
+            f"service {service!r} has no job {key!r} in flight; it may have ended: the "
+            "snapshot lists the jobs in flight"
         )
 
 

@@ -55,6 +55,7 @@ class Job:
         "_host",
         "_scope",
         "_service",
+        "_task",
         "info",
         "key",
         "outcome",
@@ -74,6 +75,7 @@ class Job:
         self._service = service
         self._scope: trio.CancelScope | None = None
         self._host: ShieldHost | None = None
+        self._task: trio.lowlevel.Task | None = None
         #: The key given to ``ctx.job()``, shown on the dashboard.
         self.key = key
         #: The keyword arguments given to ``ctx.job()``, shown on the dashboard.
@@ -82,6 +84,11 @@ class Job:
         self.started = math.nan
         #: How the block ended, or ``"running"`` while it runs.
         self.outcome: JobOutcome = "running"
+
+    @property
+    def task(self) -> trio.lowlevel.Task | None:
+        """The trio task the block runs in (where it waits: ``Supervisor.job_stack``)."""
+        return self._task
 
     @property
     def deadline(self) -> float:
@@ -110,6 +117,7 @@ class Job:
             scope.__enter__()
             drain.job_scopes.add(scope)
         self._scope = scope
+        self._task = task
         self.started = drain.now()
         self._counters.in_flight[self] = None
         return self
@@ -122,6 +130,9 @@ class Job:
     ) -> bool:
         counters = self._counters
         del counters.in_flight[self]
+        report = self._drain.report
+        if report is not None:  # a drain under way: it reads the outcome when it ends
+            report.job_ended(self)
         scope = self._scope
         assert scope is not None
         host = self._host

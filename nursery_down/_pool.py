@@ -114,6 +114,7 @@ class _WorkerJob(Job):
         self._service = context.name
         self._scope = scope
         self._host = None
+        self._task = trio.lowlevel.current_task()
         self.key = None
         self.info = _FIRST_ATTEMPT
         self.started = math.nan
@@ -214,6 +215,8 @@ async def _work(
                 del in_flight[job]
                 job_scopes.discard(scope)
                 counters.failed += 1
+                if drain.report is not None:
+                    drain.report.job_ended(job, "failed")
                 logger.warning(
                     "service %s: job %r failed on attempt %d: %s: %s",
                     ctx.name,
@@ -234,12 +237,16 @@ async def _work(
                     counters.hard_cancelled += 1
                 else:  # KeyboardInterrupt and the like: still not lost
                     counters.failed += 1
+                if drain.report is not None:
+                    drain.report.job_ended(job, "released")
                 await _shielded(source.release, queued)
                 raise
             else:
                 del in_flight[job]
                 job_scopes.discard(scope)
                 counters.completed += 1
+                if drain.report is not None:  # one attribute read a job outside drains
+                    drain.report.job_ended(job, "finished")
                 # With no deadline on the shielded scope nothing can cut the ack
                 # (reading the deadline is much cheaper than cancel_called).
                 if ack_nowait is not None:

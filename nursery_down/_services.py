@@ -23,6 +23,7 @@ from ._events import EventHub
 from ._exceptions import InvalidTransitionError, UnknownServiceError
 from ._health import HealthBoard, run_checks
 from ._records import ServiceRecord
+from ._reports import DrainReports
 from ._state import ACTIVE_STATES, ServiceState, Trigger, after_exit, next_state
 
 logger = logging.getLogger("nursery_down")
@@ -58,6 +59,8 @@ class Services:
         self._changed = trio.Event()
         #: Every service's health (set by the services and by their health checks).
         self.health = HealthBoard(hub)
+        #: The story of each drain (one report per drain, the last few kept).
+        self.reports = DrainReports()
 
     # -- looking up and waiting ---------------------------------------------------------
 
@@ -150,6 +153,9 @@ class Services:
             assert drain is not None
             self.transition(record, Trigger.DRAIN, "draining")
             drain.begin(deadline)
+            self.reports.service_began(
+                record.name, drain, deadline, list(record.counters.in_flight)
+            )
             if state is S.STARTING:
                 # Not ready, so it took no work: call its start off now rather than
                 # wait out the grace (a job it did enter keeps its shield).
@@ -253,6 +259,7 @@ class Services:
             await drain.wait_jobs_done()
         if drain.cut:
             record.cut += 1
+        self.reports.service_ended(drain)
         described = None
         if error is not None:
             described = record.last_error = f"{type(error).__name__}: {error}"

@@ -16,7 +16,7 @@ from typing import Any, overload
 import trio
 
 from ._events import Event, EventHub, Subscription
-from ._exceptions import ConfigurationError, InvalidTransitionError
+from ._exceptions import ConfigurationError, InvalidTransitionError, UnknownJobError
 from ._health import HealthCheck
 from ._pool import sources_of
 from ._records import ServiceRecord
@@ -25,6 +25,7 @@ from ._snapshot import build_snapshot
 from ._sources import SourceWatch
 from ._spec import Backoff, ServiceFunction, make_spec, start_order
 from ._state import ACTIVE_STATES, ServiceState
+from ._tasks import await_chain, describe_chain, task_tree
 from ._validate import require_extension, require_seconds
 from ._whole_app import (
     EXIT_FAILED as EXIT_FAILED,
@@ -307,6 +308,7 @@ class Supervisor:
                 app.exit_code = app.compute_exit_code()
             if self.app_state != "stopped":  # (read anew: it changed during the run)
                 app.set_state("stopped", f"stopped, exit code {app.exit_code}")
+            services.reports.app_finished(app.exit_code)
             app.finished.set()
             self._hub.close()
 
@@ -676,6 +678,50 @@ class Supervisor:
             sources=self._sources,
         )
 
+    def drain_reports(self) -> list[dict[str, Any]]:
+        """The last drain reports, oldest first, as plain JSON data (``GET /api/drains``).
+
+        One per drain of a service asked for on its own (``"scope": "service"``) and
+        one per whole-app drain (``"scope": "app"``, with a report per service under
+        ``services`` and the ``exit_code`` it led to). Each says who asked
+        (``actor``), the ``grace``, the ``duration``, how many of the jobs in flight
+        when it began ``finished``, ``failed``, were ``hard_cancelled`` or
+        ``released`` to their source, the ``longest`` of them, and ``details`` of
+        the cut and slowest jobs (at most 50; ``details_hidden`` counts the rest).
+        """
+        return self._services.reports.reports()
+
+    def last_app_drain_report(self) -> dict[str, Any] | None:
+        """The report of the last whole-app drain, or None if there was none."""
+        return self._services.reports.last_app_report()
+
+    def job_stack(self, service: str, key: str) -> dict[str, Any]:
+        """Where the in-flight job *key* of *service* waits: its task's chain of awaits.
+
+        *key* is matched against each job's key as text. Returns ``{"service",
+        "key", "task", "age", "chain", "frames": [{"function", "file", "line"}]}``,
+        outermost frame first, with no local values. :class:`UnknownServiceError`
+        for an unknown service, :class:`UnknownJobError` when no such job is in flight.
+        """
+        record = self._services.record(service)
+        for job in list(record.counters.in_flight):
+            if str(job.key) == key and job.task is not None:
+                frames = await_chain(job.task)
+                return {
+                    "service": record.name,
+                    "key": job.key if isinstance(job.key, str | int) else str(job.key),
+                    "task": job.task.name,
+                    "age": trio.current_time() - job.started,
+                    "chain": describe_chain(frames),
+                    "frames": frames,
+                }
+        raise UnknownJobError(service, key)
+
+    def task_tree(self) -> str:
+        """Every trio task of the program, as a tree, with each task's chain of awaits
+        (function, file and line of each frame; no local values), as text."""
+        return task_tree()
+
     # -- internals ----------------------------------------------------------------------
 
     def _require_running(self) -> None:
@@ -696,6 +742,7 @@ class Supervisor:
     def _action(self, action: str, name: str | None, actor: str, **detail: Any) -> None:
         """Record who asked for what: one ``action`` event (the audit trail) and a log line."""
         target = f"service {name}" if name else "the whole app"
+        self._services.reports.asked(name, action, actor)
         self._hub.publish(
             "action",
             f"{action} {target} (by {actor})",

@@ -129,6 +129,7 @@ class WholeApp:
         now = trio.current_time()
         # The grace counts from the end of the pre-drain delay.
         self.deadline = now + delay + (self._grace() if grace is None else grace)
+        self._services.reports.app_began(self._grace() if grace is None else grace)
         if delay > 0:
             self.pre_drain_scope = trio.CancelScope(deadline=now + delay)
             self.set_state(
@@ -306,6 +307,7 @@ class WholeApp:
         if self.finished.is_set():
             return
         self.exit_code = self.compute_exit_code()
+        self._services.reports.app_finished(self.exit_code)
         self.set_state("stopped", f"stopped, exit code {self.exit_code}")
         self.finished.set()
 
