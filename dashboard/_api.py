@@ -24,6 +24,7 @@ from nursery_down import (
 from ._audit import action_target, audit, remote_address
 from ._body import BodyError, read_fields, seconds_field, text_field
 from ._context import dashboard_context
+from ._inspect import register_inspect
 from ._responses import error_response, from_plain_form, json_response
 from ._streams import live_snapshot
 from ._view import JOBS_SHOWN
@@ -43,9 +44,10 @@ MAX_JOBS_DIGITS = 9
 
 
 def register_api(app: Quart) -> None:
-    """Add the ``/api/...`` routes to *app*."""
+    """Add the ``/api/...`` routes to *app* (and ``/debug/tasks``)."""
     context = dashboard_context(app)
     supervisor = context.supervisor
+    register_inspect(app)
 
     @app.get("/api/snapshot")
     async def snapshot() -> ResponseReturnValue:
