@@ -26,6 +26,7 @@ from nursery_down._fleet import (
     fleet_database,
 )
 from nursery_down.queues import MemoryQueue, PostgresQueue
+from nursery_down.testing import PostgresServer
 
 #: Seconds between reports in these tests.
 INTERVAL = 0.1
@@ -302,3 +303,54 @@ async def test_version_and_generation_come_from_the_environment(
     assert (shown["version"], shown["generation"]) == ("1.4.2??[31m", 3)
     monkeypatch.setenv("NURSERY_DOWN_GENERATION", "many")
     assert FleetMember(sup, postgres_dsn).generation == 1
+
+
+async def test_processes_that_ended_long_ago_are_forgotten(postgres_dsn: str) -> None:
+    sup = held_app("orders")
+    async with member_of(sup, postgres_dsn) as member:
+        await wait_view(member, "registered", lambda v: len(v["processes"]) == 1)
+        with psycopg.connect(postgres_dsn, autocommit=True) as connection:
+            for process_id, ended in (("ended-2h-ago", "2 hours"), ("ended-5m-ago", "5 minutes")):
+                connection.execute(
+                    "INSERT INTO nd_fleet_processes (id, app, host, pid, version, generation,"
+                    " state, interval, heartbeat_at, stopped_at) VALUES (%s, 'orders', 'old',"
+                    " 7, '', 1, 'stopped', 1, now() - %s::interval, now() - %s::interval)",
+                    (process_id, ended, ended),
+                )
+        view = await wait_view(
+            member,
+            "the old process forgotten at the next report",
+            lambda v: "ended-2h-ago" not in {p["id"] for p in v["processes"]},
+        )
+    assert {p["id"] for p in view["processes"]} == {member.id, "ended-5m-ago"}
+    await member.aclose()
+
+
+@pytest.mark.subprocess
+async def test_a_process_reports_again_once_the_database_is_back(
+    postgres_server: PostgresServer, postgres_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    if not postgres_server.owned:
+        pytest.skip("the server of $NURSERY_DOWN_TEST_POSTGRES is not ours to stop")
+    caplog.set_level(logging.INFO, logger="nursery_down")
+    sup = held_app("orders")
+    async with member_of(sup, postgres_dsn) as member:
+        await wait_view(member, "registered", lambda v: len(v["processes"]) == 1)
+        await trio.to_thread.run_sync(postgres_server.stop)
+        try:
+            with trio.fail_after(PATIENCE):
+                while not any(
+                    "keeps running and retries" in r.getMessage() for r in caplog.records
+                ):
+                    await trio.sleep(INTERVAL)  # the report task logs in its own time
+            assert sup.app_state == "running"
+        finally:
+            await trio.to_thread.run_sync(postgres_server.start)
+        with trio.fail_after(PATIENCE):
+            while not any("answers again" in r.getMessage() for r in caplog.records):
+                await trio.sleep(INTERVAL)
+        view = await wait_view(
+            member, "fresh reports", lambda v: v["processes"][0]["heartbeat_age"] < 1
+        )
+        assert view["processes"][0]["state"] == "running"
+    await member.aclose()
