@@ -41,6 +41,8 @@ def live_snapshot(supervisor: Supervisor, *, events: bool = False) -> dict[str, 
     """The snapshot as sent to the page: capped job lists and the server's clock."""
     snapshot = supervisor.snapshot(max_jobs=JOBS_SHOWN)
     snapshot["server_time"] = time.time()
+    # The story of the last drain, shown until the next one ends.
+    snapshot["drain_report"] = supervisor.last_drain_report()
     if events:
         snapshot["events"] = [e.to_dict() for e in supervisor.events()[-TIMELINE_LENGTH:]]
     return snapshot
@@ -61,6 +63,7 @@ def _signature(snapshot: dict[str, Any]) -> object:
         ),
         snapshot["state"],
         snapshot["grace_deadline"],
+        (snapshot.get("drain_report") or {}).get("number"),
         tuple(
             (
                 s["state"],

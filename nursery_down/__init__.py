@@ -28,9 +28,9 @@ from ._exceptions import InvalidTransitionError as InvalidTransitionError
 from ._exceptions import LockLostError as LockLostError
 from ._exceptions import NoPostgresError as NoPostgresError
 from ._exceptions import NurseryDownError as NurseryDownError
+from ._exceptions import UnknownJobError as UnknownJobError
 from ._exceptions import UnknownProcessError as UnknownProcessError
 from ._exceptions import UnknownServiceError as UnknownServiceError
-from ._exceptions import UnknownJobError as UnknownJobError
 from ._exceptions import UnknownSourceError as UnknownSourceError
 from ._exceptions import UpgradeError as UpgradeError
 from ._jobs import Job as Job
@@ -73,8 +73,8 @@ __all__ = [
     "ServiceState",
     "Subscription",
     "Supervisor",
-    "UnknownProcessError",
     "UnknownJobError",
+    "UnknownProcessError",
     "UnknownServiceError",
     "UnknownSourceError",
     "UpgradeError",

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from ._exceptions import ConfigurationError
+from ._reports import format_drain_report
 from ._supervisor import EXIT_USAGE, Supervisor
 
 
@@ -173,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dead.add_argument("--all", action="store_true", help="requeue or discard every one")
     add_connection(dead)
+    tasks = commands.add_parser(
+        "tasks",
+        help="print every trio task of the program and where each one waits",
+        description="Print the program's trio task tree (GET /debug/tasks): each task "
+        "with its chain of awaits, the function, file and line of each frame.",
+    )
+    add_connection(tasks)
     fleet_command = commands.add_parser(
         "fleet",
         help="list the processes of the fleet, or act on one of them",
@@ -320,7 +328,7 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigurationError as exc:
         print(f"nursery-down: error: {exc}", file=sys.stderr)  # noqa: T201
         return EXIT_USAGE
-    return run(
+    code = run(
         supervisor,
         dashboard=args.dashboard,
         grace=args.grace,
@@ -332,6 +340,10 @@ def _run(args: argparse.Namespace) -> int:
         pid_file=args.pid_file,
         fleet=args.fleet,
     )
+    report = supervisor.last_app_drain_report()
+    if report is not None:
+        sys.stderr.write(format_drain_report(report))
+    return code
 
 
 def _operate(args: argparse.Namespace) -> int:
@@ -346,6 +358,9 @@ def _operate(args: argparse.Namespace) -> int:
             return 0
         if args.command == "dead":
             print(_dead(client, args))  # noqa: T201
+            return 0
+        if args.command == "tasks":
+            sys.stdout.write(client.tasks())
             return 0
         if args.command == "status":
             snapshot = client.snapshot()

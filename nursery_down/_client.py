@@ -91,6 +91,25 @@ class ApiClient:
         body = {"service": service} if service else {}
         return self._request("POST", path, body, check=_require_command)
 
+    def tasks(self) -> str:
+        """The program's task tree as text (``GET /debug/tasks``)."""
+        request = urllib.request.Request(self.url + "/debug/tasks", method="GET")
+        request.add_header("Accept", "text/plain")
+        if self.token:
+            request.add_header("Authorization", f"Bearer {self.token}")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                raw: bytes = response.read()
+        except urllib.error.HTTPError as exc:
+            raise ClientError(self._explain(exc)) from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
+            reason = getattr(exc, "reason", None) or exc or type(exc).__name__
+            raise ClientError(
+                f"cannot reach {self.url}: {one_line(str(reason))}; is the program running "
+                "with --dashboard, and is --url (or NURSERY_DOWN_URL) right?"
+            ) from None
+        return raw.decode("utf-8", "replace")
+
     def _request(
         self,
         method: str,

@@ -18,14 +18,10 @@ import collections
 import logging
 import math
 import time
-from collections.abc import Hashable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Hashable
+from typing import Any, Protocol
 
 import trio
-
-if TYPE_CHECKING:
-    from ._drain import Drain
-    from ._jobs import Job
 
 logger = logging.getLogger("nursery_down")
 
@@ -44,6 +40,25 @@ FINISHED, FAILED, CUT, RELEASED, RUNNING = (
     "released",
     "running",
 )
+
+
+class Job(Protocol):
+    """What a report reads of a job (``nursery_down.Job``, or a worker pool's)."""
+
+    key: Hashable
+    started: float
+
+    @property
+    def outcome(self) -> str: ...
+
+
+class Drain(Protocol):
+    """What a report reads of a run's drain (``nursery_down._drain.Drain``)."""
+
+    now: Callable[[], float]
+    deadline: float
+    worker_cut: bool
+    report: ServiceDrainReport | None
 
 
 def log_safe(value: object, limit: int = TEXT_LIMIT) -> str:
@@ -179,8 +194,8 @@ def summary(report: dict[str, Any]) -> str:
         finished = sum(s["finished"] for s in report["services"])
         parts = [
             f"drain of the whole app by {log_safe(report['actor'])}: "
-            f"{len(report['services'])} services, {_jobs(jobs)}, {finished} finished, "
-            f"{cut} cut, in {report['duration']:.1f} s of the {report['grace']:g} s grace"
+            f"{_count(len(report['services']), 'service')}, {_jobs(jobs)}, {finished} finished, "
+            f"{cut} cut, in {report['duration']:.1f} s of the {round(report['grace'], 1):g} s grace"
         ]
         if report["exit_code"] is not None:
             parts.append(f"exit code {report['exit_code']}")
@@ -199,7 +214,8 @@ def summary(report: dict[str, Any]) -> str:
             keys = [log_safe(d["key"], 40) for d in report["details"] if d["outcome"] == outcome]
             shown = ", ".join(keys[:3]) + (", ..." if report[outcome] > 3 else "")
             counts.append(
-                f"{report[outcome]} cut at the {report['final_grace'] or 0:g} s grace ({shown}), "
+                f"{report[outcome]} cut at the {round(report['final_grace'] or 0, 1):g} s grace "
+                f"({shown}), "
                 f"{words}"
             )
     line = f"{parts[0]}: {', '.join(counts)}"
@@ -208,8 +224,26 @@ def summary(report: dict[str, Any]) -> str:
     return line
 
 
+def format_drain_report(report: dict[str, Any]) -> str:
+    """A whole-app drain report in a few lines (``nursery-down run`` prints it at exit)."""
+    lines = [f"nursery-down: {summary(report)}"]
+    for service in report.get("services", []):
+        lines.append(f"  {summary(service)}")
+        longest = service["longest"]
+        if longest is not None and longest["outcome"] != FINISHED:
+            lines.append(
+                f"    held longest by {log_safe(longest['key'], 80)}: "
+                f"{longest['outcome'].replace('_', '-')} after {longest['after']:.1f} s"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def _jobs(count: int) -> str:
-    return "1 job" if count == 1 else f"{count} jobs"
+    return _count(count, "job")
+
+
+def _count(count: int, noun: str) -> str:
+    return f"1 {noun}" if count == 1 else f"{count} {noun}s"
 
 
 class DrainReports:
@@ -223,6 +257,8 @@ class DrainReports:
         self._app: dict[str, Any] | None = None
         self._app_open: set[str] = set()
         self._app_began = math.nan
+        #: Reports told so far (each report's ``number``).
+        self.count = 0
 
     def asked(self, service: str | None, action: str, actor: str) -> None:
         """Someone asked for *action* on *service* (None: the whole app)."""
@@ -262,31 +298,49 @@ class DrainReports:
             return
         drain.report = None
         report = running.finish()
-        logger.info("%s", summary(report))
+        report["summary"] = summary(report)
+        logger.info("%s", report["summary"])
         app = self._app
         if app is not None and running.service in self._app_open:
             self._app_open.discard(running.service)
             app["services"].append(report)
         else:
-            self._done.append({"scope": "service", **report})
+            self._keep({"scope": "service", **report})
 
     def app_finished(self, exit_code: int | None) -> None:
         """The whole-app drain is over (or the supervisor stopped) with *exit_code*."""
         app = self._app
         if app is None:
-            if exit_code is not None and self._done and self._done[-1]["scope"] == "app":
-                self._done[-1]["exit_code"] = exit_code
+            last = self._done[-1] if self._done else None
+            if (
+                exit_code is not None
+                and last is not None
+                and last["scope"] == "app"
+                and last["exit_code"] != exit_code
+            ):
+                last["exit_code"] = exit_code
+                last["summary"] = summary(last)
             return
         self._app = None
         self._app_open.clear()
         app["exit_code"] = exit_code
         app["duration"] = round(trio.current_time() - self._app_began, 6)
-        self._done.append(app)
-        logger.info("%s", summary(app))
+        app["summary"] = summary(app)
+        self._keep(app)
+        logger.info("%s", app["summary"])
+
+    def _keep(self, report: dict[str, Any]) -> None:
+        self.count += 1
+        report["number"] = self.count
+        self._done.append(report)
 
     def reports(self) -> list[dict[str, Any]]:
         """The last reports, oldest first, as plain JSON data."""
         return [dict(report) for report in self._done]
+
+    def last(self) -> dict[str, Any] | None:
+        """The latest report, or None before the first drain ended."""
+        return dict(self._done[-1]) if self._done else None
 
     def last_app_report(self) -> dict[str, Any] | None:
         for report in reversed(self._done):

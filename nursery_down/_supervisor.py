@@ -691,6 +691,10 @@ class Supervisor:
         """
         return self._services.reports.reports()
 
+    def last_drain_report(self) -> dict[str, Any] | None:
+        """The latest drain report (as in :meth:`drain_reports`), or None."""
+        return self._services.reports.last()
+
     def last_app_drain_report(self) -> dict[str, Any] | None:
         """The report of the last whole-app drain, or None if there was none."""
         return self._services.reports.last_app_report()

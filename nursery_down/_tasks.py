@@ -61,9 +61,7 @@ def task_tree() -> str:
                 lines.append(
                     f"{indent}    {frame['function']} at {_one_line(frame['file'])}:{frame['line']}"
                 )
-        children = [
-            child for nursery in task.child_nurseries for child in nursery.child_tasks
-        ]
+        children = [child for nursery in task.child_nurseries for child in nursery.child_tasks]
         stack.extend((child, depth + 1) for child in reversed(children))
     if left_out:
         lines.append(f"... and {left_out} more tasks")
@@ -74,6 +72,8 @@ def task_tree() -> str:
 
 
 def _one_line(text: str) -> str:
-    return text if text.isprintable() else "".join(
-        c if c.isprintable() else repr(c)[1:-1] for c in text
+    return (
+        text
+        if text.isprintable()
+        else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
     )

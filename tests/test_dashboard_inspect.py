@@ -56,9 +56,7 @@ async def test_a_stuck_job_shows_the_function_it_waits_in(
         answer = await client.get(
             "/api/jobs/stack", params={"service": "stuck", "key": "order/17"}, headers=BEARER
         )
-        by_path = await client.get(
-            "/api/services/stuck/jobs/order%2F17/stack", headers=BEARER
-        )
+        by_path = await client.get("/api/services/stuck/jobs/order%2F17/stack", headers=BEARER)
         missing = await client.get(
             "/api/jobs/stack", params={"service": "stuck", "key": "nope"}, headers=BEARER
         )

@@ -91,7 +91,9 @@ async def test_whole_app_drain_report_groups_services_and_gives_the_exit_code(
     assert report["grace"] == 10.0
     # Stop order: second first (4 s), then first (its job ends 2 s later).
     assert report["duration"] == pytest.approx(6.0)
-    assert [(s["service"], s["jobs"], s["finished"], s["duration"]) for s in report["services"]] == [
+    assert [
+        (s["service"], s["jobs"], s["finished"], s["duration"]) for s in report["services"]
+    ] == [
         ("second", 2, 2, pytest.approx(4.0)),
         ("first", 1, 1, pytest.approx(2.0)),
     ]

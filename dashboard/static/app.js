@@ -98,17 +98,37 @@
     }
   }
 
+  // A "Where is it waiting?" disclosure: the job's chain of awaits, fetched when opened.
+  function stackDisclosure() {
+    const details = document.createElement("details");
+    details.className = "stack";
+    const summary = document.createElement("summary");
+    summary.textContent = "Where is it waiting?";
+    const list = document.createElement("ol");
+    list.dataset.field = "stack";
+    details.append(summary, list);
+    return details;
+  }
+
   function renderJobs(card, service, elapsed) {
     const body = field(card, "jobs");
     while (body.rows.length > service.jobs.length) body.deleteRow(-1);
     while (body.rows.length < service.jobs.length) {
       const row = body.insertRow();
-      for (let i = 0; i < 4; i += 1) row.insertCell();
+      for (let i = 0; i < 5; i += 1) row.insertCell();
     }
     service.jobs.forEach((job, index) => {
-      const cells = body.rows[index].cells;
+      const row = body.rows[index];
+      const cells = row.cells;
       const info = Object.entries(job.info).map(([k, v]) => `${k}=${v}`).join(" ");
-      setText(cells[0], String(job.key));
+      const key = String(job.key);
+      if (row.dataset.key !== key) {
+        // Another job now: a chain shown for the one before would mislead.
+        row.dataset.key = key;
+        while (row.cells.length < 5) row.insertCell();
+        row.cells[4].replaceChildren(stackDisclosure());
+      }
+      setText(cells[0], key);
       setText(cells[1], info);
       setText(cells[2], duration(job.age + elapsed));
       setText(cells[3], job.time_left === null ? "-" : duration(job.time_left - elapsed));
@@ -205,9 +225,72 @@
       if (details instanceof HTMLDetailsElement && details.classList.contains("dead") && details.open) {
         loadDead(details);
       }
+      if (details instanceof HTMLDetailsElement && details.classList.contains("stack") && details.open) {
+        loadStack(details);
+      }
     },
     true,
   );
+
+  // -- where a job waits: its task's chain of awaits, on request -------------------------------
+
+  async function loadStack(details) {
+    const list = details.querySelector('[data-field="stack"]');
+    const row = details.closest("tr");
+    const card = details.closest(".service");
+    if (!list || !row || !card) return;
+    const query = new URLSearchParams({ service: card.dataset.service, key: row.dataset.key || row.cells[0].textContent });
+    const item = (text, className) => {
+      const entry = document.createElement("li");
+      if (className) entry.className = className;
+      entry.textContent = text;
+      return entry;
+    };
+    list.replaceChildren(item("Loading...", null));
+    try {
+      const response = await fetch(`/api/jobs/stack?${query}`, {
+        headers: { Accept: "application/json" },
+        credentials: "same-origin",
+      });
+      const body = await response.json().catch(() => null);
+      if (!response.ok || !body || !Array.isArray(body.frames)) {
+        list.replaceChildren(item(body && body.error ? body.error : `Cannot tell: ${response.status}`, "error"));
+        return;
+      }
+      list.replaceChildren(
+        ...body.frames.map((frame) => item(`${frame.function}  ${frame.file}:${frame.line}`, "frame")),
+      );
+      if (!body.frames.length) list.replaceChildren(item("Not waiting: it is running now.", null));
+    } catch (error) {
+      list.replaceChildren(item(`The dashboard did not answer (${error.message}).`, "error"));
+    }
+  }
+
+  // -- the last drain's report -----------------------------------------------------------------
+
+  function renderDrainReport(report) {
+    const section = document.getElementById("drain-report");
+    if (!section) return;
+    section.hidden = !report;
+    if (!report) return;
+    if (section.dataset.number === String(report.number)) return;
+    section.dataset.number = String(report.number);
+    setText(field(section, "drain_summary"), report.summary);
+    const body = field(section, "drain_jobs");
+    const rows = [];
+    for (const service of report.services || [report]) {
+      for (const job of service.details) {
+        const row = document.createElement("tr");
+        for (const text of [service.service, String(job.key), job.outcome.replace("_", "-"), duration(job.after)]) {
+          const cell = document.createElement("td");
+          cell.textContent = text;
+          row.append(cell);
+        }
+        rows.push(row);
+      }
+    }
+    body.replaceChildren(...rows);
+  }
 
   document.addEventListener("submit", async (submitted) => {
     const form = submitted.target;
@@ -382,6 +465,7 @@
     document.getElementById("app-grace-left").hidden = appLeft === null;
     setText(document.querySelector('[data-field="app_grace_left"]'), duration(appLeft));
     renderPrevious(snapshot.previous_generation || null, elapsed, serverNow);
+    renderDrainReport(snapshot.drain_report || null);
 
     const allJobs = [];
     for (const service of snapshot.services) {
