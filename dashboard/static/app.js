@@ -258,7 +258,7 @@
         return;
       }
       list.replaceChildren(
-        ...body.frames.map((frame) => item(`${frame.function}  ${frame.file}:${frame.line}`, "frame")),
+        ...body.frames.map((frame) => item(`${frame.function} at ${frame.file}:${frame.line}`, "frame")),
       );
       if (!body.frames.length) list.replaceChildren(item("Not waiting: it is running now.", null));
     } catch (error) {
