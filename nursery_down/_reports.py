@@ -264,6 +264,10 @@ class DrainReports:
         """Someone asked for *action* on *service* (None: the whole app)."""
         self._asked[service] = (action, actor)
 
+    def forget(self, service: str | None) -> None:
+        """What was asked of *service* (None: the whole app) is over."""
+        self._asked.pop(service, None)
+
     def app_began(self, grace: float) -> None:
         """A whole-app drain began with *grace* (counted from the end of any pre-drain)."""
         action, actor = self._asked.pop(None, ("drain", "the supervisor"))

@@ -177,6 +177,7 @@ class Services:
         now = trio.current_time()
         for record in self.all():
             if record.state in ACTIVE_STATES:
+                self.reports.asked(record.name, "drain", "the supervisor stopping")
                 self.drain(record, min(app_deadline, now + self.grace_of(record)))
 
     # -- the runner of one service --------------------------------------------------------

@@ -279,6 +279,7 @@ class WholeApp:
             raise
         finally:
             self.restarting_all = False
+            self._services.reports.forget(None)  # who asked for it asked for nothing more
             self.event(outcome, rolling_restart=False)
             self.check_finished()
 

@@ -12,7 +12,7 @@ import trio.testing
 
 import nursery_down as nd
 from nursery_down import ServiceState as S
-from nursery_down._reports import DETAILS_KEPT, log_safe
+from nursery_down._reports import DETAILS_KEPT, REPORTS_KEPT, log_safe
 from nursery_down.queues import MemoryQueue
 
 
@@ -168,3 +168,43 @@ async def test_a_key_with_a_newline_cannot_forge_a_log_line(
     assert lines
     assert all("\n" not in line and "\r" not in line for line in lines)
     assert "k\\nINFO forged" in lines[0]
+
+
+async def test_a_rolling_restart_names_who_asked_in_each_service_drain(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    sup = nd.Supervisor("app", grace=10.0)
+    sleeper_service(sup, {"a-1": 1.0}, name="first")
+    sleeper_service(sup, {"b-1": 2.0}, name="second")
+    with trio.fail_after(100):
+        async with nd.open_supervisor(sup):
+            await sup.restart(actor="signal SIGHUP")
+            await sup.wait_state("first", S.DRAINING)
+            await sup.wait_state("first", S.RUNNING)
+            await sup.wait_state("second", S.RUNNING)
+            await sup.drain(actor="api")
+            await sup.wait_finished()
+    *restarts, last = sup.drain_reports()
+    assert [(r["service"], r["action"], r["actor"]) for r in restarts] == [
+        ("second", "restart", "signal SIGHUP"),
+        ("first", "restart", "signal SIGHUP"),
+    ]
+    assert [(r["jobs"], r["finished"]) for r in restarts] == [(1, 1), (0, 0)]
+    assert (last["scope"], last["actor"], last["exit_code"]) == ("app", "api", 0)
+    assert [r["number"] for r in sup.drain_reports()] == [1, 2, 3]
+
+
+async def test_the_last_ten_reports_are_kept(autojump_clock: trio.testing.MockClock) -> None:
+    sup = nd.Supervisor("app")
+    sleeper_service(sup, {"k": 0.5})
+    with trio.fail_after(100):
+        async with nd.open_supervisor(sup):
+            for _ in range(REPORTS_KEPT + 2):
+                await sup.drain("work")
+                await sup.wait_state("work", S.STOPPED)
+                await sup.start("work")
+                await sup.wait_state("work", S.RUNNING)
+    reports = sup.drain_reports()
+    assert REPORTS_KEPT == 10
+    assert [r["number"] for r in reports] == list(range(4, REPORTS_KEPT + 4))
+    assert reports[-1]["scope"] == "app"
