@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -77,12 +78,14 @@ def test_run_prints_the_whole_app_drain_report_at_exit(tmp_path: Path) -> None:
             program.wait()
     text = log.read_text()
     report = text[text.index("nursery-down: drain of the whole app") :].splitlines()
-    assert report[0] == (
-        "nursery-down: drain of the whole app by signal SIGTERM: 1 service, 2 jobs, "
-        "1 finished, 1 cut, in 1.0 s of the 1 s grace, exit code 3"
+    # The real clock: the 1 s grace, and a few milliseconds of scheduling.
+    assert re.fullmatch(
+        r"nursery-down: drain of the whole app by signal SIGTERM: 1 service, 2 jobs, "
+        r"1 finished, 1 cut, in 1\.[01] s of the 1 s grace, exit code 3",
+        report[0],
     )
-    assert report[1].startswith(
-        "  drain of loader by signal SIGTERM: 2 jobs, 1 finished within 0.2 s"
+    assert re.match(
+        r"  drain of loader by signal SIGTERM: 2 jobs, 1 finished within 0\.\d s, ", report[1]
     )
     assert report[1].endswith("1 cut at the 1 s grace (stuck-1), hard-cancelled")
-    assert report[2] == "    held longest by stuck-1: hard-cancelled after 1.0 s"
+    assert re.fullmatch(r"    held longest by stuck-1: hard-cancelled after 1\.[01] s", report[2])

@@ -59,3 +59,32 @@ async def test_job_stack_of_an_unknown_job_says_so(
         async with nd.open_supervisor(sup):
             with pytest.raises(nd.UnknownJobError, match=r"^service 'idle' has no job 'nope' in"):
                 sup.job_stack("idle", "nope")
+
+
+async def test_a_worker_pool_job_shows_where_its_handler_waits(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    from nursery_down.queues import MemoryQueue
+
+    queue = MemoryQueue()
+    started = trio.Event()
+
+    async def call_the_payment_provider() -> None:
+        started.set()
+        await trio.sleep_forever()
+
+    async def handle(job: object) -> None:
+        await call_the_payment_provider()
+
+    sup = nd.Supervisor("app", grace=1.0)
+    sup.add(nd.worker_pool(queue, handle, workers=3), name="pool")
+    await queue.put("pay-1")
+    with trio.fail_after(10):
+        async with nd.open_supervisor(sup):
+            await started.wait()
+            [job] = sup.snapshot()["services"][0]["jobs"]
+            stack = sup.job_stack("pool", str(job["key"]))
+    functions = [frame["function"].rsplit(".", 1)[-1] for frame in stack["frames"]]
+    assert functions[0] == "_work"  # the pool's worker
+    assert functions.index("handle") < functions.index("call_the_payment_provider")
+    assert stack["task"] == "pool worker"
