@@ -72,6 +72,7 @@ async def test_a_worker_pools_source_and_its_rates_are_in_the_snapshot(
     assert [job.payload for job in dead][:2] == [{"n": 0}, {"n": 1}]
     with pytest.raises(nd.UnknownSourceError, match="has no job source #2"):
         await sup.dead_letters("pool", source=2)
+
     class NoDeadLetters:  # a source of the user's that keeps none
         async def claim(self) -> None: ...
         async def ack(self, job: object) -> None: ...
