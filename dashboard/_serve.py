@@ -26,7 +26,8 @@ from quart_trio import QuartTrio
 from nursery_down import ConfigurationError, Supervisor, listener
 
 from ._address import USER_TIMEOUT_MS, format_host, resolve_address
-from ._app import create_app
+from ._admission import admit_requests
+from ._app import SECURITY_HEADERS, create_app
 from ._auth import MIN_TOKEN_LENGTH, allowed_host_headers
 from ._context import dashboard_context
 
@@ -150,7 +151,12 @@ async def _serve_until_stopped(
     async with trio.open_nursery() as nursery:
         try:
             await nursery.start(
-                partial(serve, shield_sends(app), config, shutdown_trigger=shutdown.wait)
+                partial(
+                    serve,
+                    admit_requests(shield_sends(app), SECURITY_HEADERS),
+                    config,
+                    shutdown_trigger=shutdown.wait,
+                )
             )
         except* OSError as group:
             # It arrives nested several exception groups deep: report the first cause.

@@ -1,0 +1,145 @@
+"""The dashboard's admission limits: a cap on running requests, a bounded wait, 503 beyond."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+import trio
+import trio.testing
+
+if TYPE_CHECKING:
+    from dashboard._admission import admit_requests
+else:
+    from nursery_down.dashboard._admission import admit_requests
+
+HEADERS = {"X-Frame-Options": "DENY"}
+
+
+def http_scope(path: str, method: str = "GET") -> dict[str, Any]:
+    return {"type": "http", "path": path, "method": method, "headers": []}
+
+
+class Recorder:
+    """An ASGI ``send`` that keeps the messages."""
+
+    def __init__(self) -> None:
+        self.messages: list[dict[str, Any]] = []
+        self.finished = trio.Event()
+
+    async def __call__(self, message: dict[str, Any]) -> None:
+        self.messages.append(message)
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            self.finished.set()
+
+    @property
+    def status(self) -> int:
+        return int(self.messages[0]["status"])
+
+    @property
+    def headers(self) -> dict[bytes, bytes]:
+        return dict(self.messages[0]["headers"])
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(m.get("body", b"") for m in self.messages[1:])
+
+
+async def receive() -> dict[str, Any]:
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+def blocking_app() -> tuple[Any, trio.Event, list[str]]:
+    """An app whose requests wait for *release*; *entered* lists the paths that ran."""
+    release = trio.Event()
+    entered: list[str] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        entered.append(scope["path"])
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}", "more_body": False})
+
+    return app, release, entered
+
+
+async def test_requests_beyond_running_and_waiting_get_503_with_retry_after() -> None:
+    app, release, entered = blocking_app()
+    admitted = admit_requests(app, HEADERS, running=1, waiting=1)
+    first, second, third = Recorder(), Recorder(), Recorder()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(admitted, http_scope("/api/snapshot"), receive, first)
+            while entered != ["/api/snapshot"]:
+                await trio.sleep(0)
+            nursery.start_soon(admitted, http_scope("/api/snapshot"), receive, second)
+            await trio.testing.wait_all_tasks_blocked()
+            # one runs, one waits: the third is refused at once, not queued
+            await admitted(http_scope("/api/snapshot"), receive, third)
+            assert third.status == 503
+            assert third.headers[b"retry-after"] == b"1"
+            assert third.headers[b"content-type"] == b"application/json"
+            assert third.headers[b"x-frame-options"] == b"DENY"
+            assert "busy" in json.loads(third.body)["error"]
+            assert entered == ["/api/snapshot"]
+            release.set()
+            await second.finished.wait()
+    assert (first.status, second.status) == (200, 200)
+    assert entered == ["/api/snapshot", "/api/snapshot"]
+
+
+async def test_event_streams_are_not_counted() -> None:
+    app, release, entered = blocking_app()
+    admitted = admit_requests(app, HEADERS, running=1, waiting=0)
+    stream, request = Recorder(), Recorder()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(admitted, http_scope("/api/events"), receive, stream)
+            nursery.start_soon(admitted, http_scope("/api/snapshot"), receive, request)
+            while len(entered) < 2:
+                await trio.sleep(0)
+            release.set()
+    assert sorted(entered) == ["/api/events", "/api/snapshot"]
+
+
+async def test_livez_is_answered_without_the_app_and_waits_its_turn() -> None:
+    app, release, entered = blocking_app()
+    admitted = admit_requests(app, HEADERS, running=1, waiting=1)
+    busy, probe, head = Recorder(), Recorder(), Recorder()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(admitted, http_scope("/api/snapshot"), receive, busy)
+            while not entered:
+                await trio.sleep(0)
+            nursery.start_soon(admitted, http_scope("/livez"), receive, probe)
+            await trio.testing.wait_all_tasks_blocked()
+            # the probe waits for a place like any request: under a flood it stays cheap
+            assert not probe.messages
+            release.set()
+            await probe.finished.wait()
+        await admitted(http_scope("/livez", "HEAD"), receive, head)
+    assert entered == ["/api/snapshot"]
+    assert (probe.status, probe.body) == (200, b"ok\n")
+    assert probe.headers[b"cache-control"] == b"no-store"
+    assert (head.status, head.body) == (200, b"")
+
+
+async def test_a_cancelled_waiter_gives_its_place_in_the_queue_back() -> None:
+    app, release, entered = blocking_app()
+    admitted = admit_requests(app, HEADERS, running=1, waiting=1)
+    later = Recorder()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(admitted, http_scope("/a"), receive, Recorder())
+            while not entered:
+                await trio.sleep(0)
+            async with trio.open_nursery() as gone:
+                gone.start_soon(admitted, http_scope("/b"), receive, Recorder())
+                await trio.testing.wait_all_tasks_blocked()
+                gone.cancel_scope.cancel()  # the client went away while waiting
+            nursery.start_soon(admitted, http_scope("/c"), receive, later)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not later.messages  # waiting, not refused
+            release.set()
+    assert later.status == 200
+    assert entered == ["/a", "/c"]
