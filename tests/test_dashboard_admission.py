@@ -16,6 +16,10 @@ else:
 HEADERS = {"X-Frame-Options": "DENY"}
 
 
+def admit(app: Any, *, running: int, waiting: int) -> Any:
+    return admit_requests(app, HEADERS, running=running, waiting=waiting)
+
+
 def http_scope(path: str, method: str = "GET") -> dict[str, Any]:
     return {"type": "http", "path": path, "method": method, "headers": []}
 
@@ -65,7 +69,7 @@ def blocking_app() -> tuple[Any, trio.Event, list[str]]:
 
 async def test_requests_beyond_running_and_waiting_get_503_with_retry_after() -> None:
     app, release, entered = blocking_app()
-    admitted = admit_requests(app, HEADERS, running=1, waiting=1)
+    admitted = admit(app, running=1, waiting=1)
     first, second, third = Recorder(), Recorder(), Recorder()
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
@@ -90,7 +94,7 @@ async def test_requests_beyond_running_and_waiting_get_503_with_retry_after() ->
 
 async def test_event_streams_are_not_counted() -> None:
     app, release, entered = blocking_app()
-    admitted = admit_requests(app, HEADERS, running=1, waiting=0)
+    admitted = admit(app, running=1, waiting=0)
     stream, request = Recorder(), Recorder()
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
@@ -104,7 +108,7 @@ async def test_event_streams_are_not_counted() -> None:
 
 async def test_livez_is_answered_without_the_app_and_waits_its_turn() -> None:
     app, release, entered = blocking_app()
-    admitted = admit_requests(app, HEADERS, running=1, waiting=1)
+    admitted = admit(app, running=1, waiting=1)
     busy, probe, head = Recorder(), Recorder(), Recorder()
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
@@ -126,7 +130,7 @@ async def test_livez_is_answered_without_the_app_and_waits_its_turn() -> None:
 
 async def test_a_cancelled_waiter_gives_its_place_in_the_queue_back() -> None:
     app, release, entered = blocking_app()
-    admitted = admit_requests(app, HEADERS, running=1, waiting=1)
+    admitted = admit(app, running=1, waiting=1)
     later = Recorder()
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
