@@ -4,9 +4,10 @@ Every figure is a ratio or a percentile measured in this run, against a server
 process started by this script (``--serve``) with 20 busy workers (each job enters
 ``ctx.job()`` and yields once):
 
-1. ``GET /api/snapshot`` throughput against a bare quart-trio JSON endpoint served
-   in the same process with the same hypercorn configuration, 20 keep-alive
-   connections each, alternating rounds (goal: >= 0.8x);
+1. ``GET /api/snapshot`` and ``GET /livez`` throughput against a bare quart-trio app
+   (a JSON endpoint and a plain-text ``/livez``, hypercorn's default configuration)
+   run as its own process, as a user would compare, 20 keep-alive connections each,
+   alternating rounds (goal: >= 0.8x);
 2. worker throughput (completed jobs per second) while ``/api/snapshot`` is
    hammered, against the same workers left alone;
 3. state change to SSE delivery latency, p50 and p99, over 100 connected event
@@ -44,12 +45,8 @@ import nursery_down as nd
 if TYPE_CHECKING:
     # mypy knows the source folder as "dashboard"; it is installed as nursery_down.dashboard.
     from dashboard import serve_dashboard
-    from dashboard._address import resolve_address
-    from dashboard._serve import _config, shield_sends
 else:
     from nursery_down.dashboard import serve_dashboard
-    from nursery_down.dashboard._address import resolve_address
-    from nursery_down.dashboard._serve import _config, shield_sends
 
 TOKEN = "benchmark-token-1b7e"
 WORKERS = 20
@@ -92,11 +89,14 @@ async def _busy_worker(ctx: nd.ServiceContext, number: int) -> None:
             await trio.lowlevel.checkpoint()
 
 
-async def serve_bare(
-    shutdown: trio.Event, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
-) -> None:
-    """A bare quart-trio JSON endpoint on hypercorn, configured as the dashboard is."""
+async def serve_bare() -> None:
+    """A bare quart-trio app on hypercorn, as a user would write it, in its own process.
+
+    ``GET /json`` answers ``{"ok": true}`` and ``GET /livez`` ``ok``; prints its port.
+    """
+    from hypercorn.config import Config
     from hypercorn.trio import serve
+    from quart import Response
     from quart_trio import QuartTrio
 
     app = QuartTrio("bare")
@@ -105,29 +105,26 @@ async def serve_bare(
     async def bare_json() -> dict[str, bool]:
         return {"ok": True}
 
-    where = await resolve_address("127.0.0.1:0")
-    sock = nd.listener("bare-quart-trio", (where.ip, where.port))
-    port = int(sock.getsockname()[1])
-    config = _config(f"fd://{sock.detach()}")
+    @app.get("/livez")
+    async def bare_livez() -> Response:
+        return Response("ok\n", mimetype="text/plain")
+
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
     async with trio.open_nursery() as nursery:
-        await nursery.start(
-            partial(serve, shield_sends(app), config, shutdown_trigger=shutdown.wait)
-        )
-        task_status.started(port)
+        binds = await nursery.start(partial(serve, app, config))
+        print(json.dumps({"bare": int(binds[0].rsplit(":", 1)[1])}), flush=True)
 
 
 async def serve_for_throughput(workers: int) -> None:
-    """Dashboard and bare endpoint side by side; prints their ports; ends on SIGTERM."""
+    """The dashboard with *workers* busy workers; prints its port; ends on SIGTERM."""
     sup = build_supervisor(workers)
     async with nd.open_supervisor(sup, handle_signals=True), trio.open_nursery() as nursery:
         info = await nursery.start(partial(serve_dashboard, sup, "127.0.0.1:0", token=TOKEN))
-        shutdown = trio.Event()
-        bare_port = await nursery.start(serve_bare, shutdown)
-        dashboard_port = int(info.url.rsplit(":", 1)[1])
         gc.freeze()  # as nd.run does once every service started
-        print(json.dumps({"dashboard": dashboard_port, "bare": bare_port}), flush=True)
+        print(json.dumps({"dashboard": int(info.url.rsplit(":", 1)[1])}), flush=True)
         await sup.wait_finished()
-        shutdown.set()
 
 
 # -- the load generator -------------------------------------------------------------------
@@ -322,22 +319,24 @@ async def run_throughput(
     seconds: float, rounds: int, cycles: int, workers: int = WORKERS
 ) -> dict[str, Any]:
     process = start_server(["--serve", "--workers", str(workers)])
+    bare_process = start_server(["--bare"])
     try:
         assert process.stdout is not None
-        ports = json.loads(await trio.to_thread.run_sync(process.stdout.readline))
-        dashboard, bare = ports["dashboard"], ports["bare"]
+        assert bare_process.stdout is not None
+        dashboard = json.loads(await trio.to_thread.run_sync(process.stdout.readline))["dashboard"]
+        bare = json.loads(await trio.to_thread.run_sync(bare_process.stdout.readline))["bare"]
         await trio.sleep(0.5)  # let the workers reach their pace
 
-        idle_rates, hammered_rates, bare_rates, bare_rps, snapshot_rps = [], [], [], [], []
+        idle_rates, hammered_rates, bare_rps, snapshot_rps = [], [], [], []
+        bare_livez_rps, livez_rps = [], []
         for _ in range(rounds):
-            before, started = await completed_jobs(dashboard), trio.current_time()
             bare_rps.append(await hammer(bare, "/json", seconds, auth=False))
-            after = await completed_jobs(dashboard)
-            bare_rates.append((after - before) / (trio.current_time() - started))
             before, started = await completed_jobs(dashboard), trio.current_time()
             snapshot_rps.append(await hammer(dashboard, "/api/snapshot", seconds, auth=True))
             after = await completed_jobs(dashboard)
             hammered_rates.append((after - before) / (trio.current_time() - started))
+            bare_livez_rps.append(await hammer(bare, "/livez", seconds, auth=False))
+            livez_rps.append(await hammer(dashboard, "/livez", seconds, auth=False))
             before, started = await completed_jobs(dashboard), trio.current_time()
             await trio.sleep(seconds)
             after = await completed_jobs(dashboard)
@@ -346,12 +345,13 @@ async def run_throughput(
         process.send_signal(signal.SIGTERM)
         await trio.to_thread.run_sync(process.wait)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        for each in (process, bare_process):
+            if each.poll() is None:
+                each.kill()
+                each.wait()
     bare_median, snapshot_median = statistics.median(bare_rps), statistics.median(snapshot_rps)
     idle, hammered = statistics.median(idle_rates), statistics.median(hammered_rates)
-    bare_hammered = statistics.median(bare_rates)
+    bare_livez, livez = statistics.median(bare_livez_rps), statistics.median(livez_rps)
     return {
         "bare_rps": bare_median,
         "snapshot_rps": snapshot_median,
@@ -359,7 +359,8 @@ async def run_throughput(
         "idle_jobs_per_s": idle,
         "hammered_jobs_per_s": hammered,
         "worker_loss": 1 - hammered / idle,
-        "bare_jobs_per_s": bare_hammered,
+        "bare_livez_rps": bare_livez,
+        "livez_rps": livez,
         "latency_p50_ms": 1000 * percentile(delays, 0.50),
         "latency_p99_ms": 1000 * percentile(delays, 0.99),
         "latency_samples": len(delays),
@@ -416,8 +417,9 @@ def report(
         f"{results['idle_jobs_per_s']:.0f} jobs/s) | reported |"
     )
     print(
-        f"| worker throughput while the bare endpoint is hammered (for scale) | "
-        f"{results['bare_jobs_per_s'] / results['idle_jobs_per_s']:.2f}x | |"
+        f"| GET /livez vs bare quart-trio /livez | "
+        f"{results['livez_rps'] / results['bare_livez_rps']:.2f}x "
+        f"({results['livez_rps']:.0f} vs {results['bare_livez_rps']:.0f} req/s) | >= 0.8x |"
     )
     print(
         f"| state change to SSE delivery, {SSE_CLIENTS} streams, p50 | "
@@ -445,7 +447,11 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=WORKERS, help="busy workers (default 20)")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--exit-target", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)
     args, _ = parser.parse_known_args()
+    if args.bare:
+        trio.run(serve_bare)
+        return 0
     if args.serve:
         trio.run(serve_for_throughput, args.workers)
         return 0
