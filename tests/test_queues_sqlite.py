@@ -226,6 +226,26 @@ async def test_fail_counts_attempts_then_dead_letters(db: Path) -> None:
         assert connection.execute("SELECT count(*) FROM jobs").fetchone() == (0,)
 
 
+async def test_dead_letters_are_requeued_with_attempts_reset_or_discarded(db: Path) -> None:
+    async with SQLiteQueue(db, max_attempts=1) as queue:
+        await queue.put_many([{"n": 1}, {"n": 2}, {"n": 3}])
+        for _ in range(3):
+            await queue.fail(await claim(queue), "bad")
+        assert await queue.statistics() == stats(dead=3)
+        assert await queue.requeue_dead_letters([2, 99]) == 1
+        assert await queue.statistics() == stats(queued=1, dead=2)
+        job = await claim(queue)
+        assert (job.id, job.payload, job.attempts) == (2, {"n": 2}, 0)
+        await queue.ack(job)
+        assert await queue.purge_dead_letters([1]) == 1
+        assert [d.id for d in await queue.dead_letters()] == [3]
+        assert await queue.requeue_dead_letters() == 1
+        assert await queue.purge_dead_letters() == 0
+        assert await queue.statistics() == stats(queued=1, done=1)
+    events = [event for job_id, event in history(db) if job_id == 2]
+    assert events == ["enqueue", "claim", "fail", "dead", "enqueue", "claim", "ack"]
+
+
 @pytest.mark.parametrize("action", ["ack", "release", "fail"])
 async def test_settling_a_job_twice_raises_not_leased(db: Path, action: str) -> None:
     async with SQLiteQueue(db) as queue:

@@ -306,6 +306,22 @@ class SQLiteQueue:
         await self._ready()
         return await self._call(self._dead_letters_sync)
 
+    async def requeue_dead_letters(self, ids: Iterable[int] | None = None) -> int:
+        """Put dead letters *ids* (all when None) back in the queue with their attempts
+        reset; return how many. Unknown ids are ignored."""
+        await self._ready()
+        chosen = None if ids is None else [int(i) for i in ids]
+        count = await self._call(self._requeue_dead_sync, chosen)
+        if count:
+            self._wake()
+        return count
+
+    async def purge_dead_letters(self, ids: Iterable[int] | None = None) -> int:
+        """Delete dead letters *ids* (all when None) for good; return how many."""
+        await self._ready()
+        chosen = None if ids is None else [int(i) for i in ids]
+        return await self._call(self._purge_dead_sync, chosen)
+
     async def recover(self) -> int:
         """Take back the jobs leased by processes that no longer run, now; return how many.
 
@@ -562,6 +578,38 @@ class SQLiteQueue:
             DeadJob(job_id, json.loads(text), attempts, error, died_at)
             for job_id, text, attempts, error, died_at in rows
         ]
+
+    def _chosen_dead(self, connection: sqlite3.Connection, ids: list[int] | None) -> list[Any]:
+        rows = connection.execute(
+            "SELECT id, payload, enqueued_at FROM dead_letters ORDER BY died_at, id"
+        ).fetchall()
+        wanted = None if ids is None else set(ids)
+        return [row for row in rows if wanted is None or row[0] in wanted]
+
+    def _requeue_dead_sync(self, ids: list[int] | None) -> int:
+        connection = self._conn()
+        with _WriteTransaction(connection):
+            rows = self._chosen_dead(connection, ids)
+            for job_id, text, enqueued_at in rows:
+                connection.execute("DELETE FROM dead_letters WHERE id = ?", (job_id,))
+                connection.execute(
+                    "INSERT INTO jobs (id, payload, state, attempts, enqueued_at)"
+                    " VALUES (?, ?, 'queued', 0, ?)",
+                    (job_id, text, enqueued_at),
+                )
+            self._log(
+                connection, [row[0] for row in rows], "enqueue", "requeued from the dead letters"
+            )
+        return len(rows)
+
+    def _purge_dead_sync(self, ids: list[int] | None) -> int:
+        connection = self._conn()
+        with _WriteTransaction(connection):
+            rows = self._chosen_dead(connection, ids)
+            connection.executemany(
+                "DELETE FROM dead_letters WHERE id = ?", [(row[0],) for row in rows]
+            )
+        return len(rows)
 
     def _recover_sync(self) -> int:
         return self._recover_on(self._conn())
