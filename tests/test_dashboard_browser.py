@@ -7,7 +7,6 @@ Playwright keeps the test's thread to itself. Screenshots go to test-artifacts/.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,6 @@ import pytest
 from tests.dashboard_helpers import (
     ARTIFACTS,
     CHROMIUM,
-    CHROMIUM_ARGS,
     PATIENCE,
     run_program,
 )
@@ -30,20 +28,6 @@ pytestmark = [
 
 #: Milliseconds Playwright waits for a page to reach a state before failing.
 EXPECT_MS = 10_000
-
-
-@pytest.fixture
-def browser() -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
-        )
-        try:
-            yield chromium
-        finally:
-            chromium.close()
 
 
 def test_operator_drains_and_starts_one_service(browser: Any, tmp_path: Path) -> None:

@@ -7,13 +7,12 @@ in a subprocess; screenshots go to test-artifacts/.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.dashboard_helpers import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, run_program
+from tests.dashboard_helpers import ARTIFACTS, CHROMIUM, run_program
 
 pytestmark = [
     pytest.mark.browser,
@@ -25,20 +24,6 @@ pytestmark = [
 PROGRAM = Path(__file__).resolve().parent / "programs" / "stuck_app.py"
 #: Milliseconds Playwright waits for a page to reach a state before failing.
 EXPECT_MS = 10_000
-
-
-@pytest.fixture
-def browser() -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
-        )
-        try:
-            yield chromium
-        finally:
-            chromium.close()
 
 
 def test_operator_sees_where_a_stuck_job_waits_and_the_drain_report(

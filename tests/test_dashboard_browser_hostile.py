@@ -6,14 +6,13 @@ tests/programs/hostile_app.py in a ``nursery-down run`` subprocess.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 
-from tests.dashboard_helpers import CHROMIUM, CHROMIUM_ARGS, PATIENCE, TOKEN, http, run_program
+from tests.dashboard_helpers import CHROMIUM, PATIENCE, TOKEN, http, run_program
 
 pytestmark = [
     pytest.mark.browser,
@@ -25,20 +24,6 @@ pytestmark = [
 TARGET = f"{Path(__file__).resolve().parent / 'programs' / 'hostile_app.py'}:sup"
 #: Milliseconds Playwright waits for a page to reach a state before failing.
 EXPECT_MS = 10_000
-
-
-@pytest.fixture
-def browser() -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
-        )
-        try:
-            yield chromium
-        finally:
-            chromium.close()
 
 
 def open_page(browser: Any, url: str, errors: list[str]) -> Any:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.dashboard_helpers import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, run_program
+from tests.dashboard_helpers import ARTIFACTS, CHROMIUM, run_program
 
 pytestmark = [
     pytest.mark.browser,
@@ -19,20 +18,6 @@ pytestmark = [
 ]
 
 EXPECT_MS = 15_000
-
-
-@pytest.fixture
-def browser() -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
-        )
-        try:
-            yield chromium
-        finally:
-            chromium.close()
 
 
 def test_charts_show_the_work_and_a_drain_against_its_deadline(

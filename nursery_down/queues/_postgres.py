@@ -23,6 +23,7 @@ from .._exceptions import (
     QueueSchemaError,
     QueueUnavailableError,
 )
+from .._postgresql import describe_dsn, first_line
 from .._validate import is_count, require_seconds
 from ._source import DeadJob, QueuedJob, QueueStatistics, describe_error
 from ._sqlite import encode_payload
@@ -199,7 +200,7 @@ class PostgresQueue:
         self.max_lost_leases = max_lost_leases
         self.pool_size = pool_size
         self._sql = _Statements(name)
-        self._where = _describe_dsn(dsn)
+        self._where = describe_dsn(dsn)
         self._pool: psycopg_pool.ConnectionPool[Any] | None = None
         self._limiter: trio.CapacityLimiter | None = None
         # Claims have a thread and a connection of their own: a worker pool's one
@@ -656,7 +657,7 @@ class PostgresQueue:
                         "PostgresQueue %s: lost the listening connection (%s); claims poll "
                         "every %g s until it is back",
                         self.name,
-                        _first_line(exc),
+                        first_line(exc),
                         self.poll_interval,
                     )
             finally:
@@ -687,14 +688,14 @@ class PostgresQueue:
                     raise self._unavailable(exc) from None
             except psycopg.Error as exc:
                 raise QueueError(
-                    f"PostgreSQL queue {self.name!r} at {self._where}: {_first_line(exc)}"
+                    f"PostgreSQL queue {self.name!r} at {self._where}: {first_line(exc)}"
                 ) from None
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _unavailable(self, exc: BaseException) -> QueueUnavailableError:
         return QueueUnavailableError(
             f"cannot reach the PostgreSQL server of queue {self.name!r} at {self._where} "
-            f"({_first_line(exc)}); check that the server runs and accepts connections "
+            f"({first_line(exc)}); check that the server runs and accepts connections "
             "from this host, and that the DSN's host, port, database, user and password "
             "are right"
         )
@@ -712,7 +713,7 @@ class PostgresQueue:
             raise self._unavailable(exc) from None
         except psycopg.ProgrammingError as exc:
             raise ConfigurationError(
-                f"invalid PostgreSQL DSN for queue {self.name!r}: {_first_line(exc)}; write it "
+                f"invalid PostgreSQL DSN for queue {self.name!r}: {first_line(exc)}; write it "
                 "as 'postgresql://user:password@host:port/dbname' or 'host=... dbname=...'"
             ) from None
         try:
@@ -721,7 +722,7 @@ class PostgresQueue:
         except psycopg.Error as exc:
             raise QueueError(
                 f"cannot set up PostgreSQL queue {self.name!r} at {self._where}: "
-                f"{_first_line(exc)}; check that the user may create tables in the "
+                f"{first_line(exc)}; check that the user may create tables in the "
                 "connection's schema"
             ) from None
         pool = psycopg_pool.ConnectionPool(
@@ -1175,25 +1176,3 @@ class _Statements:
             " FROM orphans WHERE j.id = orphans.id"
             " RETURNING j.id, j.lost_leases, orphans.lease_pid, orphans.lease_host, orphans.why"
         )
-
-
-def _describe_dsn(dsn: str) -> str:
-    """``host:port/dbname`` of a DSN, for messages (never its password)."""
-    try:
-        from psycopg.conninfo import conninfo_to_dict
-    except ImportError:
-        return "the given DSN"
-    try:
-        parts = conninfo_to_dict(dsn)
-    except Exception:
-        return "the given DSN"
-    host = str(parts.get("host") or os.environ.get("PGHOST") or "localhost")
-    port = str(parts.get("port") or os.environ.get("PGPORT") or "5432")
-    dbname = str(parts.get("dbname") or os.environ.get("PGDATABASE") or "")
-    where = f"{host}:{port}" if not host.startswith("/") else f"{host} (port {port})"
-    return f"{where}/{dbname}" if dbname else where
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
