@@ -54,7 +54,9 @@ def worker_pool(
     - One producer task claims jobs and hands each to an idle worker through an
       unbuffered channel: nothing is buffered past the workers. At most
       ``workers + 1`` jobs are claimed at once (the producer holds the next one
-      while every worker is busy).
+      while every worker is busy). A source with ``claim_many`` (``SQLiteQueue``,
+      ``PostgresQueue``) is asked for as many jobs at once as workers are idle, so
+      one transaction claims for all of them.
     - Each job runs as an in-flight job of the service, like a ``ctx.job()`` block:
       counted, shown on the dashboard, and shielded, so a drain lets it finish.
     - When a drain begins, the producer stops claiming at once and closes the
@@ -145,6 +147,10 @@ async def _produce(
 ) -> None:
     # Closing the send side is the workers' signal to stop: it happens here, on
     # the producer side, the moment the drain cancels the producer.
+    claim_many = _fast_path(source, "claim_many")
+    if claim_many is not None:
+        await _produce_batches(ctx, source, send, claim_many)
+        return
     claim_nowait = _fast_path(source, "claim_nowait")
     drain = ctx._drain
     async with send, trio.open_nursery() as nursery:
@@ -169,6 +175,51 @@ async def _produce(
                 await _shielded(source.release, job)
                 raise
         nursery.cancel_scope.cancel()
+
+
+async def _produce_batches(
+    ctx: ServiceContext,
+    source: JobSource,
+    send: trio.MemorySendChannel[QueuedJob],
+    claim_many: Callable[[int], Awaitable[list[QueuedJob]]],
+) -> None:
+    """The producer for sources with ``claim_many``: one claim for every idle worker."""
+    drain = ctx._drain
+    async with send, trio.open_nursery() as nursery:
+        nursery.start_soon(_cancel_on_drain, ctx, nursery.cancel_scope)
+        # The workers were started just before: let them reach the channel, so the
+        # first claim is for all of them. (Two steps: trio may run this task before
+        # them in the first.)
+        await trio.lowlevel.checkpoint()
+        await trio.lowlevel.checkpoint()
+        while not drain.draining:
+            # The workers waiting on the channel take the jobs at once; with none
+            # waiting, one job is claimed and held until a worker is free, as claim()
+            # would be.
+            idle = send.statistics().tasks_waiting_receive
+            jobs = await claim_many(max(1, idle))
+            if not jobs:  # the source is closed and exhausted
+                break
+            for sent, job in enumerate(jobs):
+                if drain.began.is_set():  # claimed in the very instant the drain began
+                    await _release_all(source, jobs[sent:])
+                    nursery.cancel_scope.cancel()
+                    return
+                try:
+                    await send.send(job)
+                except BaseException:
+                    # No worker took them (the drain cancelled the hand-over): not started.
+                    await _release_all(source, jobs[sent:])
+                    raise
+        nursery.cancel_scope.cancel()
+
+
+async def _release_all(source: JobSource, jobs: list[QueuedJob]) -> None:
+    """Release *jobs* together (a source that groups its writes commits them as one)."""
+    with trio.CancelScope(shield=True):
+        async with trio.open_nursery() as nursery:
+            for job in jobs:
+                nursery.start_soon(source.release, job)
 
 
 async def _cancel_on_drain(ctx: ServiceContext, scope: trio.CancelScope) -> None:

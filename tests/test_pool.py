@@ -34,6 +34,37 @@ class RecordingQueue(MemoryQueue):
         return job
 
 
+class BatchQueue(MemoryQueue):
+    """A MemoryQueue that claims in batches (``claim_many``), noting each batch.
+
+    *gate*, when given, holds each batch after it was claimed until it is set, as a
+    slow transaction would (shielded: a claim that went through is never dropped).
+    """
+
+    def __init__(self, gate: trio.Event | None = None, **options: Any) -> None:
+        super().__init__(**options)
+        self.batches: list[tuple[int, int]] = []  # (limit asked, jobs returned)
+        self.gate = gate
+
+    async def claim_many(self, limit: int) -> list[QueuedJob]:
+        first = await self.claim()
+        if first is None:
+            return []
+        jobs = [first]
+        while len(jobs) < limit:
+            try:
+                jobs.append(self.claim_nowait())
+            except trio.WouldBlock:
+                break
+        self.batches.append((limit, len(jobs)))
+        # (Bounded, so that a failing test ends rather than waiting forever.)
+        with trio.CancelScope(shield=True), trio.move_on_after(60):
+            if self.gate is not None:
+                await self.gate.wait()
+            await trio.lowlevel.checkpoint()
+        return jobs
+
+
 def sleeper(seconds: float, log: list[tuple[str, Any, float]]) -> Any:
     """A handler that sleeps *seconds* per job, logging start, done or cut."""
 
@@ -297,6 +328,50 @@ async def test_a_handler_that_swallows_the_deadline_still_gets_its_job_settled(
         await sup.wait_state("pool", nd.ServiceState.STOPPED)
     assert queue.statistics() == stats(done=1)
     assert pool_service(sup)["completed"] == 1
+
+
+async def test_a_batch_claiming_source_is_asked_for_one_job_per_idle_worker(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    queue = BatchQueue()
+    queue.put_many_nowait(range(20))
+    queue.close()
+    log: list[tuple[str, Any, float]] = []
+    sup = nd.Supervisor("app")
+    sup.add(nd.worker_pool(queue, sleeper(1, log), workers=4), name="pool", restart="transient")
+    async with nd.open_supervisor(sup) as running:
+        await trio.sleep(0.5)
+        # One claim for the four idle workers, then one job held for the next free one.
+        assert queue.batches == [(4, 4), (1, 1)]
+        assert queue.statistics() == stats(queued=15, leased=5)
+        await running.wait_finished()
+    assert sorted(events(log, "done")) == list(range(1, 21))
+    assert queue.statistics() == stats(done=20)
+    # Never more asked for than the workers free at that moment (or the one held).
+    assert all(1 <= size <= limit <= 4 for limit, size in queue.batches)
+    assert sum(size for _, size in queue.batches) == 20
+    assert trio.current_time() == pytest.approx(5)  # 20 one-second jobs on 4 workers
+
+
+async def test_a_batch_claimed_as_the_drain_begins_goes_back_unstarted(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gate = trio.Event()
+    queue = BatchQueue(gate)
+    log: list[tuple[str, Any, float]] = []
+    sup = nd.Supervisor("app")
+    sup.add(nd.worker_pool(queue, sleeper(1, log), workers=3), name="pool")
+    async with nd.open_supervisor(sup):
+        await trio.sleep(1)
+        queue.put_many_nowait(["a", "b", "c"])
+        await trio.testing.wait_all_tasks_blocked()
+        assert queue.batches == [(3, 3)]  # claimed, not yet handed over
+        await sup.drain("pool")
+        gate.set()
+        await sup.wait_state("pool", nd.ServiceState.STOPPED)
+    assert log == []
+    assert queue.statistics() == stats(queued=3)
+    assert [job.id for job in [queue.claim_nowait() for _ in range(3)]] == [1, 2, 3]
 
 
 async def test_pool_over_a_sqlite_queue(tmp_path: Path) -> None:

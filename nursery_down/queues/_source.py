@@ -71,6 +71,12 @@ class JobSource(Protocol):
     ``claim_nowait()`` (returning a job, or raising :exc:`trio.WouldBlock` when none
     is queued) and ``ack_nowait(job)``; ``worker_pool`` then calls them instead of
     awaiting ``claim()``/``ack()``, which saves a coroutine per job.
+
+    A source whose claims cost a round trip or a transaction each may also offer
+    ``claim_many(limit)``: wait like ``claim()``, then return between 1 and *limit*
+    jobs, each leased to the caller as if claimed alone, or ``[]`` where ``claim()``
+    would return ``None``. ``worker_pool`` then claims as many jobs at once as it has
+    idle workers, never more: each job it claims starts at once.
     """
 
     async def claim(self) -> QueuedJob | None: ...
