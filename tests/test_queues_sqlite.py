@@ -66,11 +66,21 @@ class WatchedQueue(SQLiteQueue):
 
     empty_looks = 0
 
-    def _claim_sync(self, recover: bool) -> QueuedJob | None:
-        job = super()._claim_sync(recover)
-        if job is None:
-            self.empty_looks += 1  # in the queue's worker thread; read by the test's task
-        return job
+    # Both run in the queue's writer thread; the test's task reads the count.
+
+    def _has_queued(self, connection: sqlite3.Connection) -> bool:
+        found = super()._has_queued(connection)
+        if not found:
+            self.empty_looks += 1
+        return found
+
+    def _claim_sync(
+        self, connection: sqlite3.Connection, limit: int, recover: bool
+    ) -> list[QueuedJob]:
+        jobs = super()._claim_sync(connection, limit, recover)
+        if not jobs:
+            self.empty_looks += 1
+        return jobs
 
     async def wait_claim_waiting(self) -> None:
         """Return once a claim looked and found nothing."""
@@ -512,6 +522,7 @@ async def test_a_file_of_the_first_layout_is_upgraded_and_keeps_its_jobs(db: Pat
         await queue.put_many(["a", "b"])
         await queue.ack(await claim(queue))
     with sqlite3.connect(db) as connection:
+        connection.execute("DROP INDEX history_by_job")
         connection.execute("ALTER TABLE jobs DROP COLUMN lost_leases")
         connection.execute("PRAGMA user_version=1")
     async with SQLiteQueue(db, max_lost_leases=1) as queue:
@@ -520,15 +531,31 @@ async def test_a_file_of_the_first_layout_is_upgraded_and_keeps_its_jobs(db: Pat
         assert await queue.recover() == 1
         assert await queue.statistics() == stats(done=1, dead=1)
     with sqlite3.connect(db) as connection:
-        assert connection.execute("PRAGMA user_version").fetchone() == (2,)
+        assert connection.execute("PRAGMA user_version").fetchone() == (3,)
+        indexes = connection.execute("SELECT name FROM sqlite_schema WHERE type = 'index'")
+        assert "history_by_job" in {name for (name,) in indexes}
+
+
+async def test_a_file_of_the_second_layout_gains_the_history_index(db: Path) -> None:
+    async with SQLiteQueue(db) as queue:
+        await queue.put("a")
+    with sqlite3.connect(db) as connection:
+        connection.execute("DROP INDEX history_by_job")
+        connection.execute("PRAGMA user_version=2")
+    async with SQLiteQueue(db) as queue:
+        assert await queue.statistics() == stats(queued=1)
+    with sqlite3.connect(db) as connection:
+        assert connection.execute("PRAGMA user_version").fetchone() == (3,)
+        indexes = connection.execute("SELECT name FROM sqlite_schema WHERE type = 'index'")
+        assert "history_by_job" in {name for (name,) in indexes}
 
 
 async def test_a_file_of_a_newer_layout_is_refused(db: Path) -> None:
     async with SQLiteQueue(db) as queue:
         await queue.put("x")
     with sqlite3.connect(db) as connection:
-        connection.execute("PRAGMA user_version=3")
-    with pytest.raises(QueueCorruptError, match=r"layout version 3.*upgrade nursery_down"):
+        connection.execute("PRAGMA user_version=4")
+    with pytest.raises(QueueCorruptError, match=r"layout version 4.*upgrade nursery_down"):
         await SQLiteQueue(db).open()
 
 

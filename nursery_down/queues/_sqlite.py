@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Self, TypeVar
 
 import trio
 
@@ -27,6 +27,7 @@ from .._exceptions import (
 )
 from .._validate import is_count, require_seconds
 from ._source import DeadJob, QueuedJob, QueueStatistics, describe_error
+from ._writer import GroupWriter
 
 T = TypeVar("T")
 
@@ -34,10 +35,14 @@ T = TypeVar("T")
 #: SQLite database is never mistaken for an empty queue.
 APPLICATION_ID = 0x6E647131
 #: ``PRAGMA user_version``: the layout of the tables below. Version 1 had no
-#: ``lost_leases`` column; opening such a file adds it.
-SCHEMA_VERSION = 2
+#: ``lost_leases`` column, version 2 no ``history_by_job`` index; opening such a
+#: file adds them.
+SCHEMA_VERSION = 3
 
-_SCHEMA = """
+#: Pruning keeps a job's history rows together: it looks up a job's later rows.
+_HISTORY_INDEX = "CREATE INDEX IF NOT EXISTS history_by_job ON history (job_id, seq)"
+
+_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS jobs (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: history refers to it
     payload     TEXT    NOT NULL,                   -- JSON
@@ -68,6 +73,7 @@ CREATE TABLE IF NOT EXISTS history (
     pid    INTEGER NOT NULL,  -- the process that wrote it
     detail TEXT               -- fail and dead: the error, recover: whose lease
 );
+{_HISTORY_INDEX};
 CREATE TABLE IF NOT EXISTS counters (
     name  TEXT PRIMARY KEY,
     value INTEGER NOT NULL
@@ -76,6 +82,10 @@ INSERT OR IGNORE INTO counters (name, value) VALUES ('done', 0);
 """
 
 Synchronous = Literal["FULL", "NORMAL"]
+
+#: At most this many history rows are deleted by one pass of the pruning, so that a
+#: pass never holds the write lock long; passes come with each lease recovery.
+PRUNE_STEP = 20_000
 
 
 class SQLiteQueue:
@@ -92,7 +102,8 @@ class SQLiteQueue:
     opened, and every *recover_interval* seconds while claiming, jobs leased by a
     process that no longer runs go back to the queue. So a SIGKILL at any instant
     loses nothing: delivery is at-least-once, and the only jobs run twice are those
-    in flight at the kill.
+    in flight at the kill. Several processes may share one file; a live process's
+    leases are never taken back.
 
     **Attempts.** ``fail()`` counts an attempt; after *max_attempts* the job moves
     to the ``dead_letters`` table. ``release()`` and the recovery of a dead
@@ -107,7 +118,12 @@ class SQLiteQueue:
 
     **History.** Every enqueue, claim, ack, release, fail, dead-letter and recovery
     is written, in the same transaction as the change, to the ``history`` table
-    (job id, event, ``time.time()``, pid, detail), for audits and chaos checks.
+    (job id, event, ``time.time()``, pid, detail), for audits and chaos checks. It
+    is kept bounded: rows older than *keep_history* seconds (default 7 days), and
+    the oldest beyond *max_history* rows (default 1,000,000), are deleted with each
+    lease recovery or by :meth:`prune_history`; None lifts either bound. A job's
+    rows go together, and only once it left the queue (acked, or dead-lettered and
+    then purged): the history of a job still queued, leased or dead is complete.
 
     **Opening.** The file is opened on first use, or explicitly with
     ``await queue.open()`` / ``async with queue``. A file that is not a queue
@@ -119,11 +135,20 @@ class SQLiteQueue:
     against power loss when its call returns; ``"NORMAL"`` is faster and still
     survives any process crash, but a power loss may undo the last changes.
 
-    **Threads.** Each call runs in a worker thread (``trio.to_thread``), one at a
-    time per queue object, so the trio loop never waits on the disk or a lock.
-    ``claim()`` waits for work without polling the disk in a busy loop: a ``put``
-    through this object wakes it at once, and puts from other processes are seen
-    within *poll_interval* seconds.
+    **Group commit.** One thread of the queue's own owns the write connection; a
+    ``put``, ``claim``, ``ack``, ``release`` or ``fail`` hands it the change without
+    a thread hop and waits. Every change waiting when a transaction begins goes
+    into it, so twenty acks at once cost one commit, and each call returns only
+    once its own transaction is durable at the *synchronous* level: a ``put`` or an
+    ``ack`` that returned is on disk. A claim never waits for company. Reads
+    (:meth:`statistics`, :meth:`dead_letters`) use a connection of their own and
+    never wait behind writes. The trio loop never waits on the disk or a lock.
+
+    **Claiming.** ``claim()`` waits for work without polling the disk in a busy
+    loop: a ``put`` through this object wakes it at once, and puts from other
+    processes are seen within *poll_interval* seconds. :meth:`claim_many` claims
+    several jobs in one transaction; :func:`nursery_down.worker_pool` uses it to
+    claim for all of its idle workers at once.
 
     Payloads are stored as JSON: dicts, lists, strings, numbers, booleans and
     ``None`` (tuples come back as lists). Anything else raises :class:`PayloadError`.
@@ -139,22 +164,26 @@ class SQLiteQueue:
         poll_interval: float = 0.1,
         recover_interval: float = 2.0,
         synchronous: Synchronous = "FULL",
+        keep_history: float | None = 7 * 24 * 3600.0,
+        max_history: int | None = 1_000_000,
     ) -> None:
         if not is_count(max_attempts):
             raise ConfigurationError(
                 f"max_attempts must be a whole number >= 1, got {max_attempts!r}"
             )
-        if max_lost_leases is not None and not is_count(max_lost_leases):
-            raise ConfigurationError(
-                f"max_lost_leases must be a whole number >= 1, or None for no limit, "
-                f"got {max_lost_leases!r}"
-            )
+        for what, count in (("max_lost_leases", max_lost_leases), ("max_history", max_history)):
+            if count is not None and not is_count(count):
+                raise ConfigurationError(
+                    f"{what} must be a whole number >= 1, or None for no limit, got {count!r}"
+                )
         for what, value in (
             ("busy_timeout", busy_timeout),
             ("poll_interval", poll_interval),
             ("recover_interval", recover_interval),
         ):
             require_seconds(what, value)
+        if keep_history is not None:
+            require_seconds("keep_history", keep_history)
         if synchronous not in ("FULL", "NORMAL"):
             raise ConfigurationError(f"synchronous must be 'FULL' or 'NORMAL', got {synchronous!r}")
         self.path = os.fspath(path)
@@ -164,8 +193,11 @@ class SQLiteQueue:
         self.poll_interval = float(poll_interval)
         self.recover_interval = float(recover_interval)
         self.synchronous: Synchronous = synchronous
-        self._connection: sqlite3.Connection | None = None
-        self._limiter: trio.CapacityLimiter | None = None
+        self.keep_history = None if keep_history is None else float(keep_history)
+        self.max_history = max_history
+        self._writer: GroupWriter | None = None
+        self._reader: sqlite3.Connection | None = None
+        self._read_limiter: trio.CapacityLimiter | None = None
         self._open_lock: trio.Lock | None = None
         self._wakeup: trio.Event | None = None
         self._closed = False
@@ -188,9 +220,9 @@ class SQLiteQueue:
         """
         if self._open_lock is None:
             self._open_lock = trio.Lock()
-            self._limiter = trio.CapacityLimiter(1)
+            self._read_limiter = trio.CapacityLimiter(1)
         async with self._open_lock:
-            if self._connection is not None:
+            if self._writer is not None:
                 return
             if self._closed:
                 # A new owner: a lease taken before the close is fenced off for good.
@@ -198,7 +230,20 @@ class SQLiteQueue:
                 self._closed = False
             self._pid = os.getpid()
             self._token = process_token(self._pid) or ""
-            self._connection = await self._call(self._open_sync, opening=True)
+            writer = GroupWriter(
+                os.path.basename(self.path),
+                self._open_sync,
+                functools.partial(translate_error, path=self.path, busy_timeout=self.busy_timeout),
+                refusals=(NotLeasedError,),
+            )
+            await writer.start()
+            try:
+                self._reader = await self._in_reader_thread(self._connect)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await writer.stop(_leave)
+                raise
+            self._writer = writer
             self._next_recovery = trio.current_time() + self.recover_interval
 
     async def aclose(self) -> None:
@@ -209,16 +254,19 @@ class SQLiteQueue:
             return
         self._closed = True
         self._wake()
-        if self._connection is None or self._open_lock is None:
+        if self._writer is None or self._open_lock is None:
             await trio.lowlevel.checkpoint()
             return
         with trio.CancelScope(shield=True):
             async with self._open_lock:  # never half-closed under a reopening
-                if self._connection is not None:
-                    await self._call(self._close_sync)
-                    self._connection = None
+                writer, reader = self._writer, self._reader
+                self._writer = self._reader = None
+                if writer is not None:
+                    await writer.stop(self._close_sync)
+                if reader is not None:
+                    await self._in_reader_thread(reader.close)
 
-    async def __aenter__(self) -> SQLiteQueue:
+    async def __aenter__(self) -> Self:
         await self.open()
         return self
 
@@ -245,8 +293,7 @@ class SQLiteQueue:
     async def put_many(self, payloads: Iterable[Any]) -> list[int]:
         """Store one job per payload in one transaction (all or none); return their ids."""
         texts = [encode_payload(payload) for payload in payloads]
-        await self._ready()
-        ids = await self._call(self._put_sync, texts)
+        ids = await self._write(self._put_sync, texts)
         self._wake()
         return ids
 
@@ -254,26 +301,43 @@ class SQLiteQueue:
 
     async def claim(self) -> QueuedJob | None:
         """Wait for a job and lease it to this process; ``None`` once this queue is closed."""
+        jobs = await self.claim_many(1)
+        return jobs[0] if jobs else None
+
+    async def claim_many(self, limit: int) -> list[QueuedJob]:
+        """Wait for work, then lease up to *limit* jobs, oldest first, in one transaction.
+
+        Returns at least one job, or ``[]`` once this queue is closed. Each job is
+        settled on its own, as if claimed alone.
+        """
+        if not is_count(limit):
+            raise ConfigurationError(f"limit must be a whole number >= 1, got {limit!r}")
         if not self._closed:
             await self._ready()
         while True:
             if self._closed:
                 await trio.lowlevel.checkpoint()
-                return None
+                return []
             recover = trio.current_time() >= self._next_recovery
             if recover:
                 self._next_recovery = trio.current_time() + self.recover_interval
             # Taken before looking, so a put that lands after the look still wakes us.
             wakeup = self._wakeup_event()
-            # A thread call that started always delivers its result, even when this
+            # A claim handed to the writer always delivers its result, even when this
             # task is cancelled meanwhile (the cancellation waits for it), and nothing
             # here checkpoints between the claim and the return: a claimed job is
             # never dropped on the floor.
-            job = await self._call(self._claim_sync, recover)
-            if job is not None:
+            jobs = await self._write(
+                self._claim_sync,
+                limit,
+                recover,
+                peek=None if recover else self._has_queued,
+                idle=[],
+            )
+            if jobs:
                 # Closed while the claim ran: aclose() releases every lease of this
-                # object after it, this one included, so hand nothing out.
-                return None if self._closed else job
+                # object after it, these included, so hand nothing out.
+                return [] if self._closed else jobs
             with trio.move_on_after(self.poll_interval):
                 await wakeup.wait()
 
@@ -298,29 +362,25 @@ class SQLiteQueue:
 
         Async, unlike ``MemoryQueue.statistics()``, because it reads the shared file.
         """
-        await self._ready()
-        return await self._call(self._statistics_sync)
+        return await self._read(_statistics)
 
     async def dead_letters(self) -> list[DeadJob]:
         """The jobs that failed ``max_attempts`` times, oldest first."""
-        await self._ready()
-        return await self._call(self._dead_letters_sync)
+        return await self._read(_dead_letters)
 
     async def requeue_dead_letters(self, ids: Iterable[int] | None = None) -> int:
         """Put dead letters *ids* (all when None) back in the queue with their attempts
         reset; return how many. Unknown ids are ignored."""
-        await self._ready()
         chosen = None if ids is None else [int(i) for i in ids]
-        count = await self._call(self._requeue_dead_sync, chosen)
+        count = await self._write(self._requeue_dead_sync, chosen)
         if count:
             self._wake()
         return count
 
     async def purge_dead_letters(self, ids: Iterable[int] | None = None) -> int:
         """Delete dead letters *ids* (all when None) for good; return how many."""
-        await self._ready()
         chosen = None if ids is None else [int(i) for i in ids]
-        return await self._call(self._purge_dead_sync, chosen)
+        return await self._write(_purge_dead, chosen)
 
     async def recover(self) -> int:
         """Take back the jobs leased by processes that no longer run, now; return how many.
@@ -329,36 +389,63 @@ class SQLiteQueue:
 
         Opening the queue and claiming do this by themselves.
         """
-        await self._ready()
-        return await self._call(self._recover_sync)
+        return await self._write(self._recover_on)
+
+    async def prune_history(self) -> int:
+        """Delete what the history keeps beyond *keep_history* and *max_history* now
+        (at most a few thousand rows a call); return how many rows went.
+
+        Claiming does this by itself with each lease recovery.
+        """
+        return await self._write(self._prune_on)
 
     # -- internals: on the trio thread ----------------------------------------------------
 
-    async def _ready(self) -> None:
-        if self._connection is None:
+    async def _ready(self) -> GroupWriter:
+        if self._writer is None:
             if self._closed:
                 # Only an explicit open() (or ``async with``) opens a closed queue again.
                 raise trio.ClosedResourceError(
                     "this SQLiteQueue was closed; open it again with open() or 'async with'"
                 )
             await self.open()
-
-    async def _call(self, function: Callable[..., T], *args: Any, opening: bool = False) -> T:
-        assert self._limiter is not None
-        if not opening and self._connection is None:
+        writer = self._writer
+        if writer is None:  # closed while it opened
             raise trio.ClosedResourceError("this SQLiteQueue was closed")
-        return await trio.to_thread.run_sync(
-            functools.partial(self._translated, function, *args), limiter=self._limiter
-        )
+        return writer
+
+    async def _write(
+        self,
+        function: Callable[..., T],
+        *args: Any,
+        peek: Callable[[sqlite3.Connection], bool] | None = None,
+        idle: Any = None,
+    ) -> T:
+        writer = await self._ready()
+        return await writer.run(function, *args, peek=peek, idle=idle)
+
+    async def _read(self, function: Callable[[sqlite3.Connection], T]) -> T:
+        await self._ready()
+        reader = self._reader
+        if reader is None:
+            raise trio.ClosedResourceError("this SQLiteQueue was closed")
+        return await self._in_reader_thread(functools.partial(function, reader))
+
+    async def _in_reader_thread(self, function: Callable[[], T]) -> T:
+        def translated() -> T:
+            try:
+                return function()
+            except sqlite3.Error as exc:
+                raise translate_error(exc, self.path, self.busy_timeout) from exc
+
+        return await trio.to_thread.run_sync(translated, limiter=self._read_limiter)
 
     async def _settle(self, function: Callable[..., None], *args: Any) -> None:
-        if self._connection is None:
-            if self._closed:
-                raise trio.ClosedResourceError("this SQLiteQueue was closed")
-            await self.open()
         # Settling is never cut half-way: a job acked, released or failed stays so.
         with trio.CancelScope(shield=True):
-            await self._call(function, *args)
+            if self._writer is None and self._closed:
+                raise trio.ClosedResourceError("this SQLiteQueue was closed")
+            await self._write(function, *args)
 
     def _wakeup_event(self) -> trio.Event:
         if self._wakeup is None:
@@ -370,15 +457,11 @@ class SQLiteQueue:
             self._wakeup.set()
             self._wakeup = None
 
-    # -- internals: in the worker thread, one at a time -----------------------------------
+    # -- internals: in the writer thread ------------------------------------------------
+    # Each runs inside a transaction the writer opened, and refuses (NotLeasedError)
+    # before it writes anything, so that the rest of its group still commits.
 
-    def _translated(self, function: Callable[..., T], *args: Any) -> T:
-        try:
-            return function(*args)
-        except sqlite3.Error as exc:
-            raise translate_error(exc, self.path, self.busy_timeout) from exc
-
-    def _open_sync(self) -> sqlite3.Connection:
+    def _connect(self) -> sqlite3.Connection:
         path = self.path
         folder = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(folder):
@@ -390,9 +473,12 @@ class SQLiteQueue:
             raise QueueUnwritableError(
                 f"queue path {path!r} is a folder; give the path of a file, e.g. {path}/jobs.db"
             )
-        connection = sqlite3.connect(
+        return sqlite3.connect(
             path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
         )
+
+    def _open_sync(self) -> sqlite3.Connection:
+        connection = self._connect()
         try:
             self._prepare(connection)
         except BaseException:
@@ -433,186 +519,131 @@ class SQLiteQueue:
                 )
             else:
                 version = connection.execute("PRAGMA user_version").fetchone()[0]
-                if version == 1:
-                    connection.execute(
-                        "ALTER TABLE jobs ADD COLUMN lost_leases INTEGER NOT NULL DEFAULT 0"
-                    )
+                if version in (1, 2):  # older layouts, upgraded in place
+                    if version == 1:
+                        connection.execute(
+                            "ALTER TABLE jobs ADD COLUMN lost_leases INTEGER NOT NULL DEFAULT 0"
+                        )
+                    connection.execute(_HISTORY_INDEX)
                     connection.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
                 elif version != SCHEMA_VERSION:
                     raise QueueCorruptError(
                         f"queue file {self.path!r} has layout version {version}, this "
                         f"nursery_down reads version {SCHEMA_VERSION}; upgrade nursery_down"
                     )
-        self._recover_on(connection)
+        with _WriteTransaction(connection):
+            self._recover_on(connection)
 
-    def _close_sync(self) -> None:
-        connection = self._connection
-        assert connection is not None
-        try:
-            with _WriteTransaction(connection):
-                ids = [
-                    row[0]
-                    for row in connection.execute(
-                        "SELECT id FROM jobs WHERE state = 'leased' AND lease_owner = ?",
-                        (self._owner,),
-                    )
-                ]
-                if ids:
-                    connection.execute(
-                        "UPDATE jobs SET state = 'queued', lease_pid = NULL, lease_token = NULL,"
-                        " lease_owner = NULL, leased_at = NULL"
-                        " WHERE state = 'leased' AND lease_owner = ?",
-                        (self._owner,),
-                    )
-                    self._log(connection, ids, "release", "queue closed")
-        finally:
-            connection.close()
+    def _close_sync(self, connection: sqlite3.Connection) -> None:
+        with _WriteTransaction(connection):
+            ids = [
+                row[0]
+                for row in connection.execute(
+                    "SELECT id FROM jobs WHERE state = 'leased' AND lease_owner = ?",
+                    (self._owner,),
+                )
+            ]
+            if ids:
+                connection.execute(
+                    "UPDATE jobs SET state = 'queued', lease_pid = NULL, lease_token = NULL,"
+                    " lease_owner = NULL, leased_at = NULL"
+                    " WHERE state = 'leased' AND lease_owner = ?",
+                    (self._owner,),
+                )
+                self._log(connection, ids, "release", "queue closed")
 
-    def _put_sync(self, texts: list[str]) -> list[int]:
-        connection = self._conn()
+    def _has_queued(self, connection: sqlite3.Connection) -> bool:
+        """A look without the write lock (outside any transaction): is a job queued?"""
+        row = connection.execute("SELECT 1 FROM jobs WHERE state = 'queued' LIMIT 1").fetchone()
+        return row is not None
+
+    def _put_sync(self, connection: sqlite3.Connection, texts: list[str]) -> list[int]:
         now = time.time()
         ids = []
-        with _WriteTransaction(connection):
-            for text in texts:
-                cursor = connection.execute(
-                    "INSERT INTO jobs (payload, state, enqueued_at) VALUES (?, 'queued', ?)",
-                    (text, now),
-                )
-                assert cursor.lastrowid is not None
-                ids.append(cursor.lastrowid)
-            self._log(connection, ids, "enqueue", None, now)
+        for text in texts:
+            cursor = connection.execute(
+                "INSERT INTO jobs (payload, state, enqueued_at) VALUES (?, 'queued', ?)",
+                (text, now),
+            )
+            assert cursor.lastrowid is not None
+            ids.append(cursor.lastrowid)
+        self._log(connection, ids, "enqueue", None, now)
         return ids
 
-    def _claim_sync(self, recover: bool) -> QueuedJob | None:
-        connection = self._conn()
+    def _claim_sync(
+        self, connection: sqlite3.Connection, limit: int, recover: bool
+    ) -> list[QueuedJob]:
         if recover:
             self._recover_on(connection)
-        # Look first without the write lock: an idle poll never blocks other writers.
-        if (
-            connection.execute("SELECT 1 FROM jobs WHERE state = 'queued' LIMIT 1").fetchone()
-            is None
-        ):
-            return None
-        now = time.time()
-        with _WriteTransaction(connection):
-            row = connection.execute(
-                "SELECT id, payload, attempts FROM jobs WHERE state = 'queued' ORDER BY id LIMIT 1"
-            ).fetchone()
-            if row is None:  # another process took it in between
-                return None
-            job_id, text, attempts = row
-            connection.execute(
-                "UPDATE jobs SET state = 'leased', lease_pid = ?, lease_token = ?,"
-                " lease_owner = ?, leased_at = ? WHERE id = ?",
-                (self._pid, self._token, self._owner, now, job_id),
-            )
-            self._log(connection, [job_id], "claim", None, now)
-        return QueuedJob(job_id, json.loads(text), attempts)
-
-    def _ack_sync(self, job_id: int) -> None:
-        connection = self._conn()
-        with _WriteTransaction(connection):
-            cursor = connection.execute(
-                "DELETE FROM jobs WHERE id = ? AND state = 'leased' AND lease_owner = ?",
-                (job_id, self._owner),
-            )
-            self._require_lease(cursor, job_id, "ack")
-            connection.execute("UPDATE counters SET value = value + 1 WHERE name = 'done'")
-            self._log(connection, [job_id], "ack")
-
-    def _release_sync(self, job_id: int) -> None:
-        connection = self._conn()
-        with _WriteTransaction(connection):
-            cursor = connection.execute(
-                "UPDATE jobs SET state = 'queued', lease_pid = NULL, lease_token = NULL,"
-                " lease_owner = NULL, leased_at = NULL"
-                " WHERE id = ? AND state = 'leased' AND lease_owner = ?",
-                (job_id, self._owner),
-            )
-            self._require_lease(cursor, job_id, "release")
-            self._log(connection, [job_id], "release")
-
-    def _fail_sync(self, job_id: int, error: str) -> None:
-        connection = self._conn()
-        now = time.time()
-        with _WriteTransaction(connection):
-            row = connection.execute(
-                "SELECT payload, attempts, enqueued_at FROM jobs"
-                " WHERE id = ? AND state = 'leased' AND lease_owner = ?",
-                (job_id, self._owner),
-            ).fetchone()
-            if row is None:
-                raise _not_leased(job_id, "fail")
-            text, attempts, enqueued_at = row
-            attempts += 1
-            self._log(connection, [job_id], "fail", error, now)
-            if attempts >= self.max_attempts:
-                self._dead_letter(connection, job_id, text, attempts, error, enqueued_at, now)
-            else:
-                connection.execute(
-                    "UPDATE jobs SET state = 'queued', attempts = ?, last_error = ?,"
-                    " lease_pid = NULL, lease_token = NULL, lease_owner = NULL, leased_at = NULL"
-                    " WHERE id = ?",
-                    (attempts, error, job_id),
-                )
-
-    def _statistics_sync(self) -> QueueStatistics:
-        connection = self._conn()
-        # One read transaction, so the four numbers belong to the same instant.
-        with _ReadTransaction(connection):
-            counts = dict(connection.execute("SELECT state, count(*) FROM jobs GROUP BY state"))
-            done = connection.execute("SELECT value FROM counters WHERE name = 'done'").fetchone()
-            dead = connection.execute("SELECT count(*) FROM dead_letters").fetchone()[0]
-        return QueueStatistics(
-            queued=counts.get("queued", 0),
-            leased=counts.get("leased", 0),
-            done=done[0] if done else 0,
-            dead=dead,
-        )
-
-    def _dead_letters_sync(self) -> list[DeadJob]:
-        rows = self._conn().execute(
-            "SELECT id, payload, attempts, error, died_at FROM dead_letters ORDER BY died_at, id"
-        )
-        return [
-            DeadJob(job_id, json.loads(text), attempts, error, died_at)
-            for job_id, text, attempts, error, died_at in rows
-        ]
-
-    def _chosen_dead(self, connection: sqlite3.Connection, ids: list[int] | None) -> list[Any]:
+            self._prune_on(connection)
         rows = connection.execute(
-            "SELECT id, payload, enqueued_at FROM dead_letters ORDER BY died_at, id"
+            "SELECT id, payload, attempts FROM jobs WHERE state = 'queued' ORDER BY id LIMIT ?",
+            (limit,),
         ).fetchall()
-        wanted = None if ids is None else set(ids)
-        return [row for row in rows if wanted is None or row[0] in wanted]
+        if not rows:
+            return []
+        now = time.time()
+        ids = [row[0] for row in rows]
+        connection.execute(
+            "UPDATE jobs SET state = 'leased', lease_pid = ?, lease_token = ?,"
+            f" lease_owner = ?, leased_at = ? WHERE id IN ({','.join('?' * len(ids))})",
+            (self._pid, self._token, self._owner, now, *ids),
+        )
+        self._log(connection, ids, "claim", None, now)
+        return [QueuedJob(job_id, json.loads(text), attempts) for job_id, text, attempts in rows]
 
-    def _requeue_dead_sync(self, ids: list[int] | None) -> int:
-        connection = self._conn()
-        with _WriteTransaction(connection):
-            rows = self._chosen_dead(connection, ids)
-            for job_id, text, enqueued_at in rows:
-                connection.execute("DELETE FROM dead_letters WHERE id = ?", (job_id,))
-                connection.execute(
-                    "INSERT INTO jobs (id, payload, state, attempts, enqueued_at)"
-                    " VALUES (?, ?, 'queued', 0, ?)",
-                    (job_id, text, enqueued_at),
-                )
-            self._log(
-                connection, [row[0] for row in rows], "enqueue", "requeued from the dead letters"
+    def _ack_sync(self, connection: sqlite3.Connection, job_id: int) -> None:
+        cursor = connection.execute(
+            "DELETE FROM jobs WHERE id = ? AND state = 'leased' AND lease_owner = ?",
+            (job_id, self._owner),
+        )
+        _require_lease(cursor, job_id, "ack")
+        connection.execute("UPDATE counters SET value = value + 1 WHERE name = 'done'")
+        self._log(connection, [job_id], "ack")
+
+    def _release_sync(self, connection: sqlite3.Connection, job_id: int) -> None:
+        cursor = connection.execute(
+            "UPDATE jobs SET state = 'queued', lease_pid = NULL, lease_token = NULL,"
+            " lease_owner = NULL, leased_at = NULL"
+            " WHERE id = ? AND state = 'leased' AND lease_owner = ?",
+            (job_id, self._owner),
+        )
+        _require_lease(cursor, job_id, "release")
+        self._log(connection, [job_id], "release")
+
+    def _fail_sync(self, connection: sqlite3.Connection, job_id: int, error: str) -> None:
+        now = time.time()
+        row = connection.execute(
+            "SELECT payload, attempts, enqueued_at FROM jobs"
+            " WHERE id = ? AND state = 'leased' AND lease_owner = ?",
+            (job_id, self._owner),
+        ).fetchone()
+        if row is None:
+            raise _not_leased(job_id, "fail")
+        text, attempts, enqueued_at = row
+        attempts += 1
+        self._log(connection, [job_id], "fail", error, now)
+        if attempts >= self.max_attempts:
+            self._dead_letter(connection, job_id, text, attempts, error, enqueued_at, now)
+        else:
+            connection.execute(
+                "UPDATE jobs SET state = 'queued', attempts = ?, last_error = ?,"
+                " lease_pid = NULL, lease_token = NULL, lease_owner = NULL, leased_at = NULL"
+                " WHERE id = ?",
+                (attempts, error, job_id),
             )
-        return len(rows)
 
-    def _purge_dead_sync(self, ids: list[int] | None) -> int:
-        connection = self._conn()
-        with _WriteTransaction(connection):
-            rows = self._chosen_dead(connection, ids)
-            connection.executemany(
-                "DELETE FROM dead_letters WHERE id = ?", [(row[0],) for row in rows]
+    def _requeue_dead_sync(self, connection: sqlite3.Connection, ids: list[int] | None) -> int:
+        rows = _chosen_dead(connection, ids)
+        for job_id, text, enqueued_at in rows:
+            connection.execute("DELETE FROM dead_letters WHERE id = ?", (job_id,))
+            connection.execute(
+                "INSERT INTO jobs (id, payload, state, attempts, enqueued_at)"
+                " VALUES (?, ?, 'queued', 0, ?)",
+                (job_id, text, enqueued_at),
             )
+        self._log(connection, [row[0] for row in rows], "enqueue", "requeued from the dead letters")
         return len(rows)
-
-    def _recover_sync(self) -> int:
-        return self._recover_on(self._conn())
 
     def _recover_on(self, connection: sqlite3.Connection) -> int:
         holders = connection.execute(
@@ -623,28 +654,52 @@ class SQLiteQueue:
             if (pid, token) == (self._pid, self._token) or process_alive(pid, token):
                 continue
             now = time.time()
-            with _WriteTransaction(connection):
-                ids = [
-                    row[0]
-                    for row in connection.execute(
-                        "SELECT id FROM jobs WHERE state = 'leased' AND lease_pid = ?"
-                        " AND lease_token IS ?",
-                        (pid, token),
-                    )
-                ]
-                connection.execute(
-                    "UPDATE jobs SET state = 'queued', lost_leases = lost_leases + 1,"
-                    " lease_pid = NULL, lease_token = NULL, lease_owner = NULL, leased_at = NULL"
-                    " WHERE state = 'leased' AND lease_pid = ? AND lease_token IS ?",
+            ids = [
+                row[0]
+                for row in connection.execute(
+                    "SELECT id FROM jobs WHERE state = 'leased' AND lease_pid = ?"
+                    " AND lease_token IS ?",
                     (pid, token),
                 )
-                self._log(
-                    connection, ids, "recover", f"lease of pid {pid}, which no longer runs", now
-                )
-                if ids and self.max_lost_leases is not None:
-                    self._bury_job_killers(connection, ids, pid, now)
+            ]
+            connection.execute(
+                "UPDATE jobs SET state = 'queued', lost_leases = lost_leases + 1,"
+                " lease_pid = NULL, lease_token = NULL, lease_owner = NULL, leased_at = NULL"
+                " WHERE state = 'leased' AND lease_pid = ? AND lease_token IS ?",
+                (pid, token),
+            )
+            self._log(connection, ids, "recover", f"lease of pid {pid}, which no longer runs", now)
+            if ids and self.max_lost_leases is not None:
+                self._bury_job_killers(connection, ids, pid, now)
             recovered += len(ids)
         return recovered
+
+    def _prune_on(self, connection: sqlite3.Connection) -> int:
+        """Delete up to PRUNE_STEP of the oldest history rows beyond the bounds, whole
+        jobs only, and only of jobs that left the queue."""
+        first, last = connection.execute("SELECT min(seq), max(seq) FROM history").fetchone()
+        if first is None:
+            return 0
+        end = first  # rows before this seq may go
+        if self.max_history is not None:
+            end = max(end, last - self.max_history + 1)
+        if self.keep_history is not None:
+            end = max(
+                end, _first_seq_since(connection, first, last, time.time() - self.keep_history)
+            )
+        if end <= first:
+            return 0
+        cursor = connection.execute(
+            "DELETE FROM history WHERE seq IN ("
+            " SELECT seq FROM history AS old WHERE seq < :end"
+            " AND job_id NOT IN (SELECT id FROM jobs)"
+            " AND job_id NOT IN (SELECT id FROM dead_letters)"
+            " AND NOT EXISTS (SELECT 1 FROM history AS later"
+            "  WHERE later.job_id = old.job_id AND later.seq >= :end)"
+            " ORDER BY seq LIMIT :step)",
+            {"end": end, "step": PRUNE_STEP},
+        )
+        return cursor.rowcount
 
     def _bury_job_killers(
         self, connection: sqlite3.Connection, ids: list[int], pid: int, now: float
@@ -679,16 +734,6 @@ class SQLiteQueue:
         )
         self._log(connection, [job_id], "dead", error, now)
 
-    def _conn(self) -> sqlite3.Connection:
-        connection = self._connection
-        if connection is None:
-            raise trio.ClosedResourceError("this SQLiteQueue was closed")
-        return connection
-
-    def _require_lease(self, cursor: sqlite3.Cursor, job_id: int, action: str) -> None:
-        if cursor.rowcount != 1:
-            raise _not_leased(job_id, action)
-
     def _log(
         self,
         connection: sqlite3.Connection,
@@ -702,6 +747,75 @@ class SQLiteQueue:
             "INSERT INTO history (job_id, event, time, pid, detail) VALUES (?, ?, ?, ?, ?)",
             [(job_id, event, stamp, self._pid, detail) for job_id in ids],
         )
+
+
+# -- what the connections do, outside the queue object ----------------------------------------
+
+
+def _leave(connection: sqlite3.Connection) -> None:
+    """The writer's last act when nothing is to be released."""
+
+
+def _statistics(connection: sqlite3.Connection) -> QueueStatistics:
+    # One read transaction, so the four numbers belong to the same instant.
+    with _ReadTransaction(connection):
+        counts = dict(connection.execute("SELECT state, count(*) FROM jobs GROUP BY state"))
+        done = connection.execute("SELECT value FROM counters WHERE name = 'done'").fetchone()
+        dead = connection.execute("SELECT count(*) FROM dead_letters").fetchone()[0]
+    return QueueStatistics(
+        queued=counts.get("queued", 0),
+        leased=counts.get("leased", 0),
+        done=done[0] if done else 0,
+        dead=dead,
+    )
+
+
+def _dead_letters(connection: sqlite3.Connection) -> list[DeadJob]:
+    rows = connection.execute(
+        "SELECT id, payload, attempts, error, died_at FROM dead_letters ORDER BY died_at, id"
+    ).fetchall()
+    return [
+        DeadJob(job_id, json.loads(text), attempts, error, died_at)
+        for job_id, text, attempts, error, died_at in rows
+    ]
+
+
+def _chosen_dead(connection: sqlite3.Connection, ids: list[int] | None) -> list[Any]:
+    rows = connection.execute(
+        "SELECT id, payload, enqueued_at FROM dead_letters ORDER BY died_at, id"
+    ).fetchall()
+    wanted = None if ids is None else set(ids)
+    return [row for row in rows if wanted is None or row[0] in wanted]
+
+
+def _purge_dead(connection: sqlite3.Connection, ids: list[int] | None) -> int:
+    rows = _chosen_dead(connection, ids)
+    connection.executemany("DELETE FROM dead_letters WHERE id = ?", [(row[0],) for row in rows])
+    return len(rows)
+
+
+def _first_seq_since(connection: sqlite3.Connection, first: int, last: int, moment: float) -> int:
+    """The first history seq written at or after *moment* (last + 1 if none).
+
+    A binary search on seq, as rows are written in time order (the time column has
+    no index: a search costs about twenty lookups by seq).
+    """
+    low, high = first, last + 1
+    while low < high:
+        middle = (low + high) // 2
+        row = connection.execute(
+            "SELECT seq, time FROM history WHERE seq >= ? ORDER BY seq LIMIT 1", (middle,)
+        ).fetchone()
+        if row is None or row[1] >= moment:
+            high = middle
+        else:
+            low = row[0] + 1
+    return low
+
+
+def _require_lease(cursor: sqlite3.Cursor, job_id: int, action: str) -> None:
+    if cursor.rowcount != 1:
+        raise _not_leased(job_id, action)
 
 
 def _not_leased(job_id: int, action: str) -> NotLeasedError:
