@@ -114,7 +114,9 @@ async def timed(count: int, action: Callable[[], Awaitable[object]]) -> float:
 async def sqlite_throughput(folder: Path) -> None:
     count = 300 if QUICK else 2_000
     batch = 2_000 if QUICK else 20_000
-    print(f"SQLiteQueue ({count:,} operations per line; one thread hop and one commit each)")
+    # One caller, one operation at a time: nothing to group, so a commit each. The
+    # queue against its peers, with concurrent callers: benchmarks/sqlite.py.
+    print(f"SQLiteQueue ({count:,} operations per line, one at a time: a commit each)")
     for mode in MODES:
         path = folder / f"{mode.lower()}.db"
         async with SQLiteQueue(path, synchronous=mode) as queue:
