@@ -264,23 +264,42 @@ class GroupWriter:
                     waiting.append(operation)
                 else:
                     operation.result = outcome.Value(operation.idle)
+        if not waiting:
+            return
         try:
-            if waiting:
-                self._transaction(connection, waiting)
+            self._transaction(connection, waiting)
+            return
+        except _BeginError as failed:
+            # No member ran: the lock stayed taken beyond the busy timeout, or the
+            # file cannot be written. Each member alone would wait as long again,
+            # one after the other (256 members, 256 busy timeouts), for the same
+            # answer: every caller gets it now.
+            self._fail_all(waiting, failed.error)
+            return
         except BaseException as exc:
             if len(waiting) == 1:
                 waiting[0].result = self._error(exc)
                 return
-            # Rolled back: the members run again one a transaction, so that each
-            # gets the outcome of its own operation (a full disk fails them all).
-            for operation in waiting:
-                try:
-                    self._transaction(connection, [operation])
-                except BaseException as alone:
-                    operation.result = self._error(alone)
+        # Rolled back: the members run again one a transaction, so that each gets
+        # the outcome of its own operation (a full disk fails them all).
+        for index, operation in enumerate(waiting):
+            try:
+                self._transaction(connection, [operation])
+            except _BeginError as failed:
+                self._fail_all(waiting[index:], failed.error)
+                return
+            except BaseException as alone:
+                operation.result = self._error(alone)
+
+    def _fail_all(self, operations: list[_Operation[Any]], error: BaseException) -> None:
+        for operation in operations:
+            operation.result = self._error(error)
 
     def _transaction(self, connection: sqlite3.Connection, group: list[_Operation[Any]]) -> None:
-        connection.execute("BEGIN IMMEDIATE")
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+        except BaseException as exc:
+            raise _BeginError(exc) from exc
         try:
             for operation in group:
                 try:
@@ -293,3 +312,11 @@ class GroupWriter:
             if connection.in_transaction:
                 connection.execute("ROLLBACK")
             raise
+
+
+class _BeginError(Exception):
+    """``BEGIN IMMEDIATE`` failed with *error*: no operation of the group ran."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(error)
+        self.error = error

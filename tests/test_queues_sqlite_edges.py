@@ -1,0 +1,589 @@
+"""SQLiteQueue at its edges: cancellation at every point, closing under load, other
+trio runs, several objects and processes on one file, a worker pool through a drain,
+pruning under a reader, odd payloads and rows, and exits in mid-transaction.
+
+Real clock throughout, and no test waits for time to pass: where a test needs the
+writer at a given point, it stops the writer there (a statement trace that waits on
+an event) or holds the file's write lock, and it waits for what it can observe.
+Every wait is bounded by a timeout only a hang reaches.
+"""
+
+from __future__ import annotations
+
+import collections
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import trio
+import trio.testing
+
+import nursery_down as nd
+from nursery_down.queues import (
+    QueueCorruptError,
+    QueuedJob,
+    QueueLockedError,
+    SQLiteQueue,
+)
+from nursery_down.testing import check_history, read_history
+from tests.queue_helpers import stats
+
+T = TypeVar("T")
+
+#: Bound on every wait: only a hang reaches it.
+PATIENCE = 30.0
+#: A poll interval no test outlasts: a claim that returns did not poll.
+NEVER = 3600.0
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "jobs.db"
+
+
+class GatedQueue(SQLiteQueue):
+    """An SQLiteQueue whose writer's statements are recorded, and whose writer can be
+    stopped at its next ``BEGIN IMMEDIATE`` until the test lets it go on.
+
+    Both happen in the writer thread; the test's task reads the record.
+    """
+
+    def __init__(self, *args: Any, **options: Any) -> None:
+        super().__init__(*args, **options)
+        self.statements: list[str] = []
+        self.gate = threading.Event()
+        self.gate.set()  # open until close_gate()
+        self.at_gate = threading.Event()
+
+    def _open_sync(self) -> sqlite3.Connection:
+        connection = super()._open_sync()
+        connection.set_trace_callback(self._trace)
+        return connection
+
+    def _trace(self, statement: str) -> None:
+        self.statements.append(statement)
+        if statement == "BEGIN IMMEDIATE" and not self.gate.is_set():
+            self.at_gate.set()
+            self.gate.wait(PATIENCE)
+
+    def close_gate(self) -> None:
+        self.at_gate.clear()
+        self.gate.clear()
+
+    async def wait_at_gate(self) -> None:
+        """Return once the writer stopped at the gate (inside its next transaction's
+        BEGIN, before it took the lock)."""
+        with trio.fail_after(PATIENCE):
+            while not self.at_gate.is_set():
+                await trio.sleep(0.001)
+
+    def count(self, statement: str) -> int:
+        return self.statements.count(statement)
+
+
+class OldSQLiteQueue(SQLiteQueue):
+    """An SQLiteQueue on an SQLite built with the old limit of 999 variables a
+    statement (the default before SQLite 3.32; some distributions keep it)."""
+
+    def _connect(self) -> sqlite3.Connection:
+        connection = super()._connect()
+        connection.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+        return connection
+
+
+@contextmanager
+def write_lock_held(path: Path) -> Iterator[None]:
+    """Hold the file's write lock from a connection of the test's own."""
+    connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        connection.execute("ROLLBACK")
+        connection.close()
+
+
+def query(path: Path, sql: str, *args: object) -> list[tuple[Any, ...]]:
+    connection = sqlite3.connect(path)
+    try:
+        return list(connection.execute(sql, args))
+    finally:
+        connection.close()
+
+
+def file_stats(path: Path) -> dict[str, int]:
+    """Jobs by state, read from the file by a connection of the test's own."""
+    counts = {"queued": 0, "leased": 0}
+    counts.update(dict(query(path, "SELECT state, count(*) FROM jobs GROUP BY state")))
+    return counts
+
+
+def acks_by_job(path: Path) -> collections.Counter[int]:
+    return collections.Counter(
+        job for (job,) in query(path, "SELECT job_id FROM history WHERE event = 'ack'")
+    )
+
+
+def assert_history_whole(path: Path) -> None:
+    report = check_history(read_history(sqlite=path))
+    assert (report.lost, report.unexpected) == ((), ()), report.describe()
+
+
+def writer_threads(path: Path) -> int:
+    return sum(
+        1 for thread in threading.enumerate() if thread.name == f"nursery_down writer {path.name}"
+    )
+
+
+async def claim(queue: SQLiteQueue) -> QueuedJob:
+    with trio.fail_after(PATIENCE):
+        job = await queue.claim()
+    assert job is not None
+    return job
+
+
+async def in_another_run(function: Callable[[], Awaitable[T]]) -> T:
+    """Run *function* in a trio.run of its own, in a thread; a hang fails the test."""
+    with trio.fail_after(PATIENCE):
+        return await trio.to_thread.run_sync(trio.run, function, abandon_on_cancel=True)
+
+
+# -- cancellation at every point -----------------------------------------------------------
+
+
+async def test_operations_cancelled_before_the_hand_over_do_nothing(db: Path) -> None:
+    async with SQLiteQueue(db, poll_interval=NEVER) as queue:
+        await queue.put("kept")
+        for attempt in (
+            lambda: queue.put("never"),
+            lambda: queue.put_many(["never", "either"]),
+            lambda: queue.claim(),
+            lambda: queue.claim_many(10),
+        ):
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                await attempt()
+            assert scope.cancelled_caught
+        assert await queue.statistics() == stats(queued=1)
+        # Settling is never cut, not even before it began: the ack is done.
+        job = await claim(queue)
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await queue.ack(job)
+        assert await queue.statistics() == stats(done=1)
+    assert_history_whole(db)
+
+
+async def test_operations_cancelled_after_the_hand_over_complete(db: Path) -> None:
+    async with GatedQueue(db, poll_interval=NEVER) as queue:
+        await queue.put_many(["ack me", "release me", "fail me", "claim me"])
+        ack_me, release_me, fail_me = await queue.claim_many(3)
+        results: dict[str, Any] = {}
+        scopes: list[trio.CancelScope] = []
+
+        async def run(name: str, operation: Callable[[], Awaitable[Any]]) -> None:
+            with trio.CancelScope() as scope:
+                scopes.append(scope)
+                results[name] = await operation()
+
+        queue.close_gate()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run, "put", lambda: queue.put("put"))
+            await queue.wait_at_gate()  # the writer holds the put, in its transaction
+            nursery.start_soon(run, "put_many", lambda: queue.put_many(["a", "b"]))
+            nursery.start_soon(run, "claim_many", lambda: queue.claim_many(1))
+            nursery.start_soon(run, "ack", lambda: queue.ack(ack_me))
+            nursery.start_soon(run, "release", lambda: queue.release(release_me))
+            nursery.start_soon(run, "fail", lambda: queue.fail(fail_me, "boom"))
+            await trio.testing.wait_all_tasks_blocked()  # all handed over
+            for scope in scopes:
+                scope.cancel()
+            queue.gate.set()
+        assert results["put"] == 5
+        assert results["put_many"] == [6, 7]
+        assert len(results["claim_many"]) == 1
+        # Six jobs queued then, one of them claimed; ack me done.
+        assert await queue.statistics() == stats(queued=5, leased=1, done=1)
+    assert_history_whole(db)
+
+
+# -- closing while operations are in flight --------------------------------------------------
+
+
+async def test_open_from_many_tasks_at_once_opens_once(db: Path) -> None:
+    before = writer_threads(db)
+    queue = SQLiteQueue(db)
+    ids: list[int] = []
+
+    async def first_use(n: int) -> None:
+        ids.append(await queue.put(n))
+
+    with trio.fail_after(PATIENCE):
+        async with trio.open_nursery() as nursery:
+            for _ in range(20):
+                nursery.start_soon(queue.open)
+            for n in range(30):
+                nursery.start_soon(first_use, n)
+    assert sorted(ids) == list(range(1, 31))
+    assert writer_threads(db) == before + 1
+    await queue.aclose()
+    assert writer_threads(db) == before
+
+
+async def test_operations_on_a_queue_whose_file_is_corrupt_then_on_a_good_one(db: Path) -> None:
+    garbage = bytes(range(256)) * 64
+    db.write_bytes(garbage)
+    before = writer_threads(db)
+    queue = SQLiteQueue(db)
+    errors: list[BaseException] = []
+
+    async def put() -> None:
+        try:
+            await queue.put("x")
+        except QueueCorruptError as exc:
+            errors.append(exc)
+
+    with trio.fail_after(PATIENCE):
+        async with trio.open_nursery() as nursery:
+            for _ in range(10):
+                nursery.start_soon(put)
+        assert len(errors) == 10  # each use tried to open it, and said why it cannot
+        with pytest.raises(QueueCorruptError, match="move it aside"):
+            await queue.claim()
+        with pytest.raises(QueueCorruptError):
+            await queue.statistics()
+    assert db.read_bytes() == garbage  # untouched
+    assert writer_threads(db) == before  # no writer left behind
+    db.unlink()
+    assert await queue.put("x") == 1  # the file moved aside: the next use opens a new one
+    assert (await claim(queue)).payload == "x"
+    await queue.aclose()
+
+
+# -- other trio runs ---------------------------------------------------------------------------
+
+
+# -- several objects and processes on one file -------------------------------------------------
+
+
+async def test_two_objects_in_one_process_hammering_one_file(db: Path) -> None:
+    count = 600
+    async with (
+        SQLiteQueue(db, recover_interval=0.01) as first,
+        SQLiteQueue(db, recover_interval=0.01) as second,
+    ):
+        queues = (first, second)
+        remaining = count
+
+        async def putter(queue: SQLiteQueue, start: int) -> None:
+            for n in range(start, count, 4):
+                await queue.put(n)
+                await queue.put_many([])  # an empty batch is a transaction too
+
+        async def worker(queue: SQLiteQueue) -> None:
+            nonlocal remaining
+            while remaining > 0:
+                with trio.move_on_after(0.05):  # (only to look at remaining again)
+                    jobs = await queue.claim_many(3)
+                    for job in jobs:
+                        remaining -= 1
+                        await queue.ack(job)
+
+        # (A QueueLockedError, or any other, fails the test from here.)
+        with trio.fail_after(PATIENCE):
+            async with trio.open_nursery() as nursery:
+                for n in range(4):
+                    nursery.start_soon(putter, queues[n % 2], n)
+                for n in range(20):
+                    nursery.start_soon(worker, queues[n % 2])
+        assert await first.statistics() == stats(done=count)
+    acks = acks_by_job(db)
+    assert set(acks.values()) == {1}
+    assert len(acks) == count
+    assert query(db, "SELECT count(*) FROM history WHERE event = 'recover'") == [(0,)]
+    assert_history_whole(db)
+
+
+HAMMER = textwrap.dedent(
+    """
+    import os, sys, trio
+    from nursery_down.queues import SQLiteQueue
+
+    async def main():
+        db, puts = sys.argv[1], int(sys.argv[2])
+        options = dict(recover_interval=0.02, poll_interval=0.02)
+        async with SQLiteQueue(db, **options) as a, SQLiteQueue(db, **options) as b:
+            putting = trio.Event()
+
+            async def putter(queue, start):
+                for n in range(start, puts, 2):
+                    if n % 10:
+                        await queue.put([os.getpid(), n])
+                    else:
+                        await queue.put_many([[os.getpid(), n, "batch"]] * 3)
+
+            async def worker(queue):
+                while True:
+                    jobs = []
+                    with trio.move_on_after(0.1):
+                        jobs = await queue.claim_many(4)
+                    for job in jobs:
+                        await queue.ack(job)
+                    if not jobs and putting.is_set():
+                        if (await queue.statistics()).queued == 0:
+                            return
+
+            async with trio.open_nursery() as nursery:
+                for n in range(10):
+                    nursery.start_soon(worker, (a, b)[n % 2])
+                async with trio.open_nursery() as putters:
+                    putters.start_soon(putter, a, 0)
+                    putters.start_soon(putter, b, 1)
+                putting.set()
+
+    trio.run(main)
+    """
+)
+
+
+async def test_two_processes_with_two_objects_each_hammering_one_file(db: Path) -> None:
+    """Puts, batch claims and acks from four objects in two processes at once: each
+    job acked exactly once, no lock error, no live lease taken back."""
+    puts = 400
+    async with SQLiteQueue(db) as queue:
+        await queue.put_many(range(300))
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", HAMMER, str(db), str(puts)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for _ in range(2)
+    ]
+    try:
+        with trio.fail_after(PATIENCE * 2):
+            for process in processes:
+                output = await trio.to_thread.run_sync(process.communicate)
+                assert process.returncode == 0, output[0].decode(errors="replace")
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    # Each process put 400 payloads, every tenth as a batch of three.
+    total = 300 + 2 * (puts + puts // 10 * 2)
+    enqueued = {job for (job,) in query(db, "SELECT job_id FROM history WHERE event='enqueue'")}
+    assert len(enqueued) == total
+    acks = acks_by_job(db)
+    assert set(acks) == enqueued
+    assert set(acks.values()) == {1}
+    assert file_stats(db) == {"queued": 0, "leased": 0}
+    assert query(db, "SELECT value FROM counters WHERE name = 'done'") == [(total,)]
+    assert query(db, "SELECT count(*) FROM history WHERE event = 'recover'") == [(0,)]
+    assert_history_whole(db)
+
+
+# -- a worker pool through a drain -------------------------------------------------------------
+
+
+async def test_a_pool_of_50_workers_runs_5000_jobs_once_each_through_a_drain(db: Path) -> None:
+    count = 5000
+    handled: collections.Counter[int] = collections.Counter()
+    total = 0
+    part = trio.Event()
+    everything = trio.Event()
+
+    async def handler(job: QueuedJob) -> None:
+        nonlocal total
+        await trio.lowlevel.checkpoint()
+        handled[job.id] += 1
+        total += 1
+        if total >= 2000:
+            part.set()
+        if total >= count:
+            everything.set()
+
+    async with SQLiteQueue(db) as queue:
+        await queue.put_many(range(count))
+        sup = nd.Supervisor("app", grace=PATIENCE)
+        sup.add(nd.worker_pool(queue, handler, workers=50), name="pool")
+        with trio.fail_after(PATIENCE):
+            async with nd.open_supervisor(sup):
+                await part.wait()
+                await sup.drain("pool")
+                await sup.wait_state("pool", nd.ServiceState.STOPPED)
+                figures = await queue.statistics()
+        # Mid-run: what ran was acked, what was claimed and not started went back.
+        assert figures.leased == 0
+        assert figures.done == total < count
+        assert figures.queued == count - total
+        assert set(acks_by_job(db)) == set(handled)
+        again = nd.Supervisor("app")
+        again.add(nd.worker_pool(queue, handler, workers=50), name="pool")
+        with trio.fail_after(PATIENCE):
+            async with nd.open_supervisor(again):
+                await everything.wait()
+            assert await queue.statistics() == stats(done=count)
+    assert sorted(handled) == list(range(1, count + 1))
+    assert set(handled.values()) == {1}
+    acks = acks_by_job(db)
+    assert len(acks) == count
+    assert set(acks.values()) == {1}
+    report = check_history(read_history(sqlite=db))
+    assert (report.lost, report.unexpected, report.duplicated) == ((), (), ())
+
+
+# -- the history, pruned while a checker reads it ----------------------------------------------
+
+
+# -- payloads and limits -----------------------------------------------------------------------
+
+
+def nested(depth: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+async def test_claim_many_with_a_huge_limit(db: Path) -> None:
+    async with SQLiteQueue(db) as queue:
+        await queue.put_many(range(10))
+        jobs = await queue.claim_many(1_000_000)
+        assert [job.payload for job in jobs] == list(range(10))
+
+
+async def test_a_group_of_256_batch_claims_commits_once_and_shares_nothing(db: Path) -> None:
+    async with GatedQueue(db, poll_interval=NEVER) as queue:
+        await queue.put_many(range(257 * 50))
+        batches: list[list[QueuedJob]] = []
+
+        async def claim_50() -> None:
+            batches.append(await queue.claim_many(50))
+
+        commits = queue.count("COMMIT")
+        queue.close_gate()
+        with trio.fail_after(PATIENCE):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(claim_50)
+                await queue.wait_at_gate()
+                for _ in range(256):
+                    nursery.start_soon(claim_50)
+                await trio.testing.wait_all_tasks_blocked()
+                queue.gate.set()
+        assert queue.count("COMMIT") - commits == 2  # the first, then 256 together
+        assert [len(batch) for batch in batches] == [50] * 257
+        ids = [job.id for batch in batches for job in batch]
+        assert sorted(ids) == list(range(1, 257 * 50 + 1))
+
+
+# -- rows changed by hand, errors the database cannot store ------------------------------------
+
+
+async def test_a_group_that_cannot_get_the_write_lock_fails_at_once(db: Path) -> None:
+    """31 puts wait for a lock another process holds: each hears of it after one
+    busy timeout, not after one busy timeout per put waiting with it."""
+    async with GatedQueue(db, busy_timeout=0.1) as queue:
+        errors: list[BaseException] = []
+
+        async def put(n: int) -> None:
+            try:
+                await queue.put(n)
+            except QueueLockedError as exc:
+                errors.append(exc)
+
+        with write_lock_held(db):
+            begins = queue.count("BEGIN IMMEDIATE")
+            queue.close_gate()
+            with trio.fail_after(PATIENCE):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(put, -1)
+                    await queue.wait_at_gate()
+                    for n in range(30):
+                        nursery.start_soon(put, n)
+                    await trio.testing.wait_all_tasks_blocked()
+                    queue.gate.set()
+        assert len(errors) == 31
+        assert all("stayed locked" in str(error) for error in errors)
+        # One try for the first put, one for the 30 that waited together.
+        assert queue.count("BEGIN IMMEDIATE") - begins == 2
+        assert await queue.put("after") == 1
+        assert await queue.statistics() == stats(queued=1)
+
+
+# -- a process that ends while its writer is inside a transaction ------------------------------
+
+EXITER = textwrap.dedent(
+    """
+    import os, sys, threading, trio
+    from nursery_down.queues import SQLiteQueue
+
+    inside = threading.Event()  # the writer is in the middle of the big batch
+    go_on = threading.Event()
+    armed = False
+
+    class Queue(SQLiteQueue):
+        def _open_sync(self):
+            connection = super()._open_sync()
+            inserts = 0
+
+            def trace(statement):
+                nonlocal inserts
+                if armed and statement.startswith("INSERT INTO jobs"):
+                    inserts += 1
+                    if inserts == 2000:
+                        inside.set()
+                        go_on.wait()
+
+            connection.set_trace_callback(trace)
+            return connection
+
+    async def main():
+        global armed
+        queue = Queue(sys.argv[1])
+        await queue.put_many(["before"] * 10)
+        job = await queue.claim()
+        armed = True
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(queue.put_many, ["batch"] * 5000)
+            await trio.to_thread.run_sync(inside.wait)
+            if sys.argv[2] == "exit":
+                os._exit(3)  # the process ends here, the batch half written
+            # Cancelled once handed over, the batch still commits, and trio.run
+            # returns only then.
+            nursery.cancel_scope.cancel()
+            go_on.set()
+        print("returned", job.id, flush=True)
+
+    trio.run(main)
+    """
+)
+
+
+@pytest.mark.parametrize("mode", ["exit", "return"])
+async def test_a_process_ending_with_its_writer_mid_transaction_leaves_the_file_whole(
+    db: Path, mode: str
+) -> None:
+    with trio.fail_after(PATIENCE):
+        result = await trio.run_process(
+            [sys.executable, "-c", EXITER, str(db), mode], capture_stdout=True, check=False
+        )
+    if mode == "exit":
+        assert result.returncode == 3
+        batch = 0  # the half-written transaction is gone, all of it
+    else:
+        assert result.returncode == 0
+        assert result.stdout == b"returned 1\n"
+        batch = 5000  # handed over before the cancellation: it committed whole
+    assert query(db, "PRAGMA integrity_check") == [("ok",)]
+    # The claimed job's process is gone: opening takes its lease back.
+    async with SQLiteQueue(db) as queue:
+        assert await queue.statistics() == stats(queued=10 + batch)
+    assert_history_whole(db)
