@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ import pytest
 import trio
 
 import nursery_down as nd
+from nursery_down import ConfigurationError
 from nursery_down.queues import (
     JobSource,
     NotLeasedError,
@@ -263,6 +265,235 @@ async def test_two_queues_never_hand_out_the_same_job(dsn: str) -> None:
                 nursery.start_soon(consume, queue, 15)
         assert sorted(taken) == ids
         assert await first.statistics() == stats(done=60)
+
+
+# -- claims in batches, grouped puts and settles ---------------------------------------
+
+
+async def test_claim_many_leases_at_most_limit_jobs_each_with_a_token_of_its_own(
+    dsn: str,
+) -> None:
+    async with PostgresQueue(dsn) as queue:
+        ids = await queue.put_many(["a", "b", "c", "d", "e"])
+        with trio.fail_after(PATIENCE):
+            jobs = await queue.claim_many(3)
+        assert [(job.id, job.payload, job.attempts) for job in jobs] == [
+            (ids[0], "a", 0),
+            (ids[1], "b", 0),
+            (ids[2], "c", 0),
+        ]
+        assert await queue.statistics() == stats(queued=2, leased=3)
+        tokens = sql(dsn, "SELECT lease_token FROM ndq_default_jobs WHERE state = 'leased'")
+        assert len({token for (token,) in tokens}) == 3
+        # Fewer ready than asked for: those that are, at once.
+        with trio.fail_after(PATIENCE):
+            rest = await queue.claim_many(10)
+        assert [job.id for job in rest] == ids[3:]
+        # Each lease is fenced on its own token: swapped tokens fence both acks...
+        [(first,), (second,)] = sql(
+            dsn,
+            "SELECT lease_token FROM ndq_default_jobs WHERE id IN (%s, %s) ORDER BY id",
+            ids[0],
+            ids[1],
+        )
+        sql(dsn, "UPDATE ndq_default_jobs SET lease_token = %s WHERE id = %s", second, ids[0])
+        sql(dsn, "UPDATE ndq_default_jobs SET lease_token = %s WHERE id = %s", first, ids[1])
+        await queue.ack(jobs[0])
+        await queue.ack(jobs[1])
+        assert queue.lost_leases == 2
+        # ... and leave the others of the same claim alone.
+        for job in [jobs[2], *rest]:
+            await queue.ack(job)
+        assert await queue.statistics() == stats(leased=2, done=3)
+    assert [job for job, event in events(dsn) if event == "ack"] == ids[2:]
+
+
+async def test_claim_many_on_a_closed_queue_returns_no_jobs(dsn: str) -> None:
+    queue = PostgresQueue(dsn)
+    await queue.put_many([1, 2])
+    await queue.aclose()
+    with trio.fail_after(PATIENCE):
+        assert await queue.claim_many(5) == []
+    async with PostgresQueue(dsn) as reader:
+        assert await reader.statistics() == stats(queued=2)
+
+
+async def test_claim_many_wakes_on_a_put_and_returns_what_is_ready(dsn: str) -> None:
+    async with PostgresQueue(dsn, poll_interval=NEVER) as queue:
+        claimed: list[QueuedJob] = []
+
+        async def waiting_claim() -> None:
+            claimed.extend(await queue.claim_many(20))
+
+        with trio.fail_after(PATIENCE):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(waiting_claim)
+                await trio.testing.wait_all_tasks_blocked()
+                job_id = await queue.put("wake up")
+        assert [job.id for job in claimed] == [job_id]
+        await queue.ack(claimed[0])
+
+
+@pytest.mark.parametrize("limit", [0, -1, 1.5, True, "3", None])
+async def test_claim_many_refuses_a_limit_that_is_not_a_count(dsn: str, limit: Any) -> None:
+    async with PostgresQueue(dsn) as queue:
+        await queue.put(1)
+        with pytest.raises(ConfigurationError, match="claim_many's limit must be a whole number"):
+            await queue.claim_many(limit)
+        assert await queue.statistics() == stats(queued=1)
+
+
+def count_calls(queue: PostgresQueue, name: str) -> list[int]:
+    """Record the size of each group that the thread function *name* of *queue* writes."""
+    sizes: list[int] = []
+    function = getattr(queue, name)
+
+    def counted(connection: Any, items: list[Any]) -> Any:
+        sizes.append(len(items))
+        return function(connection, items)
+
+    setattr(queue, name, counted)
+    return sizes
+
+
+async def test_concurrent_acks_commit_together_and_each_returns_once_committed(
+    dsn: str,
+) -> None:
+    async with PostgresQueue(dsn) as queue:
+        ids = await queue.put_many(range(50))
+        with trio.fail_after(PATIENCE):
+            jobs = await queue.claim_many(50)
+        assert len(jobs) == 50
+        groups = count_calls(queue, "_ack_sync")
+        gone_when_returned: list[bool] = []
+
+        async def ack(job: QueuedJob) -> None:
+            await queue.ack(job)
+            # Looked up at once, on a connection of its own: committed already.
+            gone_when_returned.append(
+                sql(dsn, "SELECT count(*) FROM ndq_default_jobs WHERE id = %s", job.id) == [(0,)]
+            )
+
+        with trio.fail_after(PATIENCE):
+            async with trio.open_nursery() as nursery:
+                for job in jobs:
+                    nursery.start_soon(ack, job)
+        assert gone_when_returned == [True] * 50
+        assert sum(groups) == 50
+        assert len(groups) <= 2  # the acks waiting at the same moment went together
+    async with PostgresQueue(dsn) as other:
+        assert await other.statistics() == stats(done=50)
+        assert await other.pending() == []
+    assert sorted(job for job, event in events(dsn) if event == "ack") == ids
+
+
+async def test_a_lost_lease_in_a_group_of_acks_is_fenced_alone(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with PostgresQueue(dsn) as queue, PostgresQueue(dsn) as other:
+        ids = await queue.put_many(range(5))
+        with trio.fail_after(PATIENCE):
+            jobs = await queue.claim_many(5)
+        lost = jobs[2]
+        await take_lease(dsn, lost)
+        assert await other.sweep() == 1
+        taken = await claim(other)
+        assert taken.id == lost.id
+        groups = count_calls(queue, "_ack_sync")
+        with trio.fail_after(PATIENCE):
+            async with trio.open_nursery() as nursery:
+                for job in jobs:
+                    nursery.start_soon(queue.ack, job)
+        assert groups == [5]
+        assert queue.lost_leases == 1
+        assert f"ack of job {lost.id} changed nothing" in caplog.text
+        assert await other.statistics() == stats(leased=1, done=4)
+        await other.ack(taken)
+    assert sorted(job for job, event in events(dsn) if event == "ack") == ids
+
+
+async def test_concurrent_releases_go_together_and_are_fenced_each(dsn: str) -> None:
+    async with PostgresQueue(dsn) as queue:
+        ids = await queue.put_many(range(4))
+        with trio.fail_after(PATIENCE):
+            jobs = await queue.claim_many(4)
+        # The first job's lease went elsewhere meanwhile.
+        sql(
+            dsn, "UPDATE ndq_default_jobs SET lease_token = gen_random_uuid() WHERE id = %s", ids[0]
+        )
+        groups = count_calls(queue, "_release_sync")
+        with trio.fail_after(PATIENCE):
+            async with trio.open_nursery() as nursery:
+                for job in jobs:
+                    nursery.start_soon(queue.release, job)
+        assert groups == [4]
+        assert queue.lost_leases == 1
+        assert await queue.statistics() == stats(queued=3, leased=1)
+    assert sorted(job for job, event in events(dsn) if event == "release") == ids[1:]
+
+
+async def test_concurrent_puts_commit_together_and_each_gets_its_own_id(dsn: str) -> None:
+    async with PostgresQueue(dsn) as queue:
+        groups = count_calls(queue, "_put_sync")
+        stored: dict[int, int] = {}
+
+        async def put(n: int) -> None:
+            stored[await queue.put({"n": n})] = n
+
+        with trio.fail_after(PATIENCE):
+            async with trio.open_nursery() as nursery:
+                for n in range(40):
+                    nursery.start_soon(put, n)
+        assert sorted(stored.values()) == list(range(40))
+        assert sum(groups) == 40
+        assert len(groups) <= 2
+        with trio.fail_after(PATIENCE):
+            jobs = await queue.claim_many(40)
+        assert {job.id: job.payload for job in jobs} == {
+            job_id: {"n": n} for job_id, n in stored.items()
+        }
+
+
+async def test_a_put_cancelled_while_queued_stores_nothing_and_one_on_its_way_completes(
+    dsn: str,
+) -> None:
+    async with PostgresQueue(dsn) as queue:
+        await queue.statistics()  # opened
+        entered = threading.Event()
+        go_on = threading.Event()
+        put_sync = queue._put_sync
+
+        def held_back(connection: Any, texts: list[str]) -> list[int]:
+            entered.set()
+            go_on.wait(PATIENCE)
+            return put_sync(connection, texts)
+
+        queue._put_sync = held_back  # type: ignore[method-assign]
+        first: list[int] = []
+
+        async def first_put(scope: trio.CancelScope) -> None:
+            with scope:
+                first.append(await queue.put("on its way"))
+
+        with trio.fail_after(PATIENCE):
+            async with trio.open_nursery() as nursery:
+                first_scope = trio.CancelScope()
+                nursery.start_soon(first_put, first_scope)
+                await trio.to_thread.run_sync(entered.wait, PATIENCE)
+                with trio.CancelScope() as queued:
+                    nursery.start_soon(_cancel_when_blocked, queued)
+                    await queue.put("queued behind it")
+                assert queued.cancelled_caught
+                first_scope.cancel()  # too late: its statement is on its way
+                go_on.set()
+        assert len(first) == 1
+        assert await queue.statistics() == stats(queued=1)
+        assert (await claim(queue)).payload == "on its way"
+
+
+async def _cancel_when_blocked(scope: trio.CancelScope) -> None:
+    await trio.testing.wait_all_tasks_blocked()
+    scope.cancel()
 
 
 # -- waiting for work -----------------------------------------------------------------
@@ -597,6 +828,53 @@ async def test_a_worker_pool_runs_every_job_and_a_drain_leaves_none_leased(dsn: 
         assert after_drain.queued == 40 - len(done)
         assert sorted(done + await queue.pending()) == ids
         assert sup.exit_code == nd.EXIT_OK
+
+
+async def test_a_worker_pool_of_20_claims_in_batches_and_acks_every_job_once(dsn: str) -> None:
+    ran: collections.Counter[int] = collections.Counter()
+    all_ran = trio.Event()
+
+    async def handle(job: QueuedJob) -> None:
+        ran[job.id] += 1
+        if len(ran) == 500:
+            all_ran.set()
+
+    async with PostgresQueue(dsn) as queue:
+        ids = await queue.put_many(range(500))
+        claims = count_claims(queue)
+        sup = nd.Supervisor("pg-batches")
+        sup.add(nd.worker_pool(queue, handle, workers=20), name="pool")
+        async with nd.open_supervisor(sup, fleet=False):
+            with trio.fail_after(PATIENCE):
+                await all_ran.wait()
+            await eventually(lambda: _count_done(queue, 500), "every ack to commit")
+            await sup.drain()
+        assert await queue.statistics() == stats(done=500)
+        assert sup.exit_code == nd.EXIT_OK
+    assert ran == dict.fromkeys(ids, 1)
+    history = collections.Counter(events(dsn))
+    assert history == {
+        **{(job, "enqueue"): 1 for job in ids},
+        **{(job, "claim"): 1 for job in ids},
+        **{(job, "ack"): 1 for job in ids},
+    }
+    assert sum(claims) == 500
+    assert max(claims) > 1  # idle workers were claimed for together
+
+
+def count_claims(queue: PostgresQueue) -> list[int]:
+    """Record how many jobs each claim statement of *queue* took."""
+    sizes: list[int] = []
+    claim_sync = queue._claim_sync
+
+    def counted(connection: Any, limit: int) -> Any:
+        leased = claim_sync(connection, limit)
+        if leased:
+            sizes.append(len(leased))
+        return leased
+
+    queue._claim_sync = counted  # type: ignore[method-assign]
+    return sizes
 
 
 async def test_a_worker_pool_cancels_a_job_whose_lease_was_lost(

@@ -10,9 +10,10 @@ import random
 import re
 import socket
 import uuid
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeAlias, TypeVar
 
 import trio
 
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
     import psycopg_pool
 
 T = TypeVar("T")
+A = TypeVar("A")
+R = TypeVar("R")
 
 logger = logging.getLogger("nursery_down")
 
@@ -45,6 +48,12 @@ SCHEMA_VERSION: Final = 1
 HOLDER_SPACE: Final = 0x6E6471
 #: First key of the short locks (creating the tables, sweeping), apart from the holders'.
 LOCK_SPACE: Final = HOLDER_SPACE + 1
+
+#: Most jobs one claim statement takes, whatever *limit* ``claim_many`` is given: each
+#: costs a lease token made beforehand, spent or not.
+MOST_CLAIMED: Final = 100
+#: Most calls one grouped statement carries (puts, acks, releases); the rest form the next.
+MOST_GROUPED: Final = 500
 
 #: One row of :meth:`PostgresQueue.history`: (job id, event, time, pid, detail), the
 #: fields of :class:`nursery_down.testing.JobEvent` in order.
@@ -85,10 +94,12 @@ class PostgresQueue:
     schema, and creates them on first open. Their layout is versioned: a layout
     written by a newer nursery_down raises :class:`QueueSchemaError` at open.
 
-    **Claims** take the oldest waiting job with ``FOR UPDATE SKIP LOCKED``, so
-    processes never wait on each other's claims, and lease it: a lease token, the
-    holder, and an expiry *lease* seconds later, all on the database's clock. The
-    job runs after the claim's transaction committed, never inside it. A claim
+    **Claims** take the oldest waiting jobs with ``FOR UPDATE SKIP LOCKED``, so
+    processes never wait on each other's claims, and lease each of them: a lease
+    token of its own, the holder, and an expiry *lease* seconds later, all on the
+    database's clock. ``claim_many(n)`` takes up to *n* jobs in one statement (a
+    worker pool asks for as many as it has idle workers); ``claim()`` takes one.
+    The jobs run after the claim's transaction committed, never inside it. A claim
     commits without waiting for the disk (puts, acks and fails do wait): a crash of
     the server can forget only the claims of its last instant, whose jobs then run
     again while the first run's settle is fenced.
@@ -129,6 +140,13 @@ class PostgresQueue:
     **History.** Every enqueue, claim, ack, release, fail, dead letter and recovery
     is written to the ``history`` table in the same transaction as the change, with
     the database's time and the writing process's pid; :meth:`history` reads it.
+
+    **Grouped writes.** ``put``, ``ack`` and ``release`` calls made at the same
+    moment by the tasks of one queue object go to the database together: one
+    statement, one commit, for all of them. Each call still returns only once its
+    own write committed, with its own outcome (its id; a fenced settle is fenced for
+    that job alone), and a call that arrives while a group is being written joins
+    the next one. A ``put_many`` is a transaction of its own.
 
     **Connections.** Each call runs in a worker thread through a psycopg connection
     pool of *pool_size* connections, plus one connection for LISTEN and the
@@ -200,6 +218,12 @@ class PostgresQueue:
         self.max_lost_leases = max_lost_leases
         self.pool_size = pool_size
         self._sql = _Statements(name)
+        # Calls of the same kind waiting at the same moment share one statement and one
+        # commit: the durable commit is most of what a put or an ack costs, and the
+        # hop to a worker thread much of the rest.
+        self._puts = _Group(self._send_puts, cancellable=True)
+        self._acks = _Group(self._send_acks, cancellable=False)
+        self._releases = _Group(self._send_releases, cancellable=False)
         self._where = describe_dsn(dsn)
         self._pool: psycopg_pool.ConnectionPool[Any] | None = None
         self._limiter: trio.CapacityLimiter | None = None
@@ -225,6 +249,9 @@ class PostgresQueue:
         self._host = socket.gethostname()
         self._listening = False
         self._unreachable = False
+        # Claims whose statement is on its way, and what a close waits on for them.
+        self._claiming = 0
+        self._claims_over: trio.Event | None = None
 
     # -- opening and closing ------------------------------------------------------------
 
@@ -269,6 +296,11 @@ class PostgresQueue:
         self._closed = True
         self._wake()
         with trio.CancelScope(shield=True):
+            # A claim on its way when the close began leaves its jobs held here, to be
+            # released below with the rest.
+            while self._claiming:
+                self._claims_over = trio.Event()
+                await self._claims_over.wait()
             async with self._open_lock:
                 if self._keeper is not None and self._keeper_done is not None:
                     self._keeper.cancel()
@@ -319,9 +351,15 @@ class PostgresQueue:
     # -- putting ------------------------------------------------------------------------
 
     async def put(self, payload: Any) -> int:
-        """Store a job durably and return its id. *payload* must be JSON-able."""
-        (job_id,) = await self.put_many([payload])
-        return job_id
+        """Store a job durably and return its id. *payload* must be JSON-able.
+
+        Puts made at the same moment through this object commit together (see the
+        class documentation): if the connection drops while they commit, each raises
+        :class:`QueueUnavailableError` and the jobs may or may not be stored.
+        """
+        text = encode_payload(payload)
+        await self._ready()
+        return await self._puts.run(text)
 
     async def put_many(self, payloads: Iterable[Any]) -> list[int]:
         """Store one job per payload in one transaction (all or none); return their ids.
@@ -339,38 +377,60 @@ class PostgresQueue:
 
     async def claim(self) -> QueuedJob | None:
         """Wait for a job and lease it to this object; ``None`` once this queue is closed."""
+        jobs = await self._claim(1)
+        return jobs[0] if jobs else None
+
+    async def claim_many(self, limit: int) -> list[QueuedJob]:
+        """Wait for a job, then lease up to *limit* waiting jobs to this object at once.
+
+        One statement claims them (at most 100, whatever *limit*), the oldest first,
+        each leased as if claimed alone, with a lease token of its own: settle each
+        with ``ack``, ``release`` or ``fail``. It returns as soon as one job is
+        ready, with those ready at that instant; ``[]`` once this queue is closed.
+        Cancelling a waiting call claims nothing, as with ``claim()``.
+        """
+        if not is_count(limit):
+            raise ConfigurationError(
+                f"claim_many's limit must be a whole number >= 1 (how many jobs the "
+                f"caller can start at once), got {limit!r}"
+            )
+        return await self._claim(min(limit, MOST_CLAIMED))
+
+    async def _claim(self, limit: int) -> list[QueuedJob]:
         if not self._closed:
             await self._ready()
         while True:
             if self._closed:
                 await trio.lowlevel.checkpoint()
-                return None
+                return []
             # Taken before looking, so a notification that lands after the look still wakes us.
             wakeup = self._wakeup_event()
-            token = uuid.uuid4()
             # A thread call that started always delivers its result (a cancellation
             # waits for it), and nothing checkpoints between it and the return.
+            self._claiming += 1
             try:
-                job = await self._call(self._claim_sync, token, limiter=self._claim_limiter)
-            except QueueUnavailableError as exc:
-                # The server went away after the queue opened (a restart, a failover):
-                # wait for it, as the pool reconnects, rather than end the worker pool.
-                self._outage("claims wait", exc)
-                job = None
-            else:
-                self._recovered("claims")
-            if job is not None:
-                self._held[id(job)] = (job, token)
-                if self._was_closed():
-                    # Closed while the claim ran: hand nothing out. If the close has
-                    # already let go of the pool, the sweeper takes the lease back.
-                    with trio.CancelScope(shield=True):
-                        try:
-                            await self.release(job)
-                        except (QueueError, trio.ClosedResourceError):
-                            self._held.pop(id(job), None)
-                    return None
-                return job
+                try:
+                    leased = await self._call(self._claim_sync, limit, limiter=self._claim_limiter)
+                except QueueUnavailableError as exc:
+                    # The server went away after the queue opened (a restart, a
+                    # failover): wait for it, as the pool reconnects, rather than end
+                    # the worker pool.
+                    self._outage("claims wait", exc)
+                    leased = []
+                else:
+                    self._recovered("claims")
+                for job, token in leased:
+                    self._held[id(job)] = (job, token)
+            finally:
+                self._claiming -= 1
+                if not self._claiming and self._claims_over is not None:
+                    self._claims_over.set()
+            if self._was_closed():
+                # Closed while the claim ran: hand nothing out. The close, which waited
+                # for this claim, releases its jobs with the others held here.
+                return []
+            if leased:
+                return [job for job, _token in leased]
             with trio.move_on_after(self.poll_interval):
                 await wakeup.wait()
 
@@ -380,18 +440,18 @@ class PostgresQueue:
         Fenced on the lease: if the lease was lost meanwhile, nothing changes (see
         the class documentation).
         """
-        await self._settle(job, "ack", self._ack_sync)
+        await self._settle(job, "ack", self._acks.run)
 
     async def release(self, job: QueuedJob) -> None:
         """Put the job back, unstarted; its attempt is not counted. Fenced on the lease."""
-        await self._settle(job, "release", self._release_sync)
+        await self._settle(job, "release", self._releases.run)
 
     async def fail(self, job: QueuedJob, error: BaseException | str) -> None:
         """Count a failed attempt: requeue the job, or dead-letter it after ``max_attempts``.
 
         Fenced on the lease.
         """
-        await self._settle(job, "fail", self._fail_sync, describe_error(error))
+        await self._settle(job, "fail", self._send_fail, describe_error(error))
 
     def watch_lease(self, job: QueuedJob, cancel: Callable[[], None]) -> None:
         """Call *cancel()* if the heartbeat finds the lease of *job* lost, until it is settled.
@@ -491,7 +551,7 @@ class PostgresQueue:
         )
 
     async def _settle(
-        self, job: QueuedJob, action: str, function: Callable[..., bool], *args: Any
+        self, job: QueuedJob, action: str, send: Callable[..., Awaitable[bool]], *args: Any
     ) -> None:
         entry = self._held.pop(id(job), None)
         if entry is None or entry[0] is not job:
@@ -509,8 +569,20 @@ class PostgresQueue:
             await trio.lowlevel.checkpoint()
             return
         # Settling is never cut half-way: a job acked, released or failed stays so.
-        with trio.CancelScope(shield=True):
-            settled = await self._settle_patiently(job, action, function, token, *args)
+        # Acks and releases wait for their group without a cancellation point, so the
+        # first try needs no shielded scope: one for each job is a noticeable part of
+        # what a trivial job costs.
+        settled: bool | None = None
+        if action != "fail":  # a fail runs through a thread call, which a cancellation stops
+            try:
+                settled = await send((job.id, token))
+            except QueueUnavailableError as exc:
+                self._outage("settles wait", exc)
+            else:
+                self._recovered("settles")
+        if settled is None:
+            with trio.CancelScope(shield=True):
+                settled = await self._settle_patiently(job, action, send, token, *args)
         if settled is None:
             return
         if not settled:
@@ -523,16 +595,17 @@ class PostgresQueue:
         self,
         job: QueuedJob,
         action: str,
-        function: Callable[..., bool],
+        send: Callable[..., Awaitable[bool]],
         token: uuid.UUID,
         *args: Any,
     ) -> bool | None:
-        """Settle, waiting out an outage of the server for as long as the lease would
-        last; None if it stayed away that long (the lease lapses, the job runs again)."""
+        """Settle with ``send((job id, token), *args)``, waiting out an outage of the
+        server for as long as the lease would last; None if it stayed away that long
+        (the lease lapses, the job runs again)."""
         give_up = trio.current_time() + self.lease
         while True:
             try:
-                settled = await self._call(function, job.id, token, *args)
+                settled = await send((job.id, token), *args)
             except QueueUnavailableError as exc:
                 if trio.current_time() >= give_up:
                     self._lost_count += 1
@@ -551,6 +624,21 @@ class PostgresQueue:
             else:
                 self._recovered("settles")
                 return settled
+
+    async def _send_fail(self, lease: tuple[int, uuid.UUID], error: str) -> bool:
+        return await self._call(self._fail_sync, *lease, error)
+
+    async def _send_puts(self, texts: list[str]) -> list[int]:
+        # Not tried again on a dropped connection: the first try may have committed.
+        return await self._call(self._put_sync, texts, retry=False)
+
+    async def _send_acks(self, leases: list[tuple[int, uuid.UUID]]) -> list[bool]:
+        settled = await self._call(self._ack_sync, leases)
+        return [token in settled for _id, token in leases]
+
+    async def _send_releases(self, leases: list[tuple[int, uuid.UUID]]) -> list[bool]:
+        settled = await self._call(self._release_sync, leases)
+        return [token in settled for _id, token in leases]
 
     def _outage(self, what: str, exc: BaseException) -> None:
         """Log the start of an outage once, not at every try."""
@@ -805,38 +893,58 @@ class PostgresQueue:
         return sorted(row[0] for row in rows)
 
     def _claim_sync(
-        self, connection: psycopg.Connection[Any], token: uuid.UUID
-    ) -> QueuedJob | None:
-        row = connection.execute(
+        self, connection: psycopg.Connection[Any], limit: int
+    ) -> list[tuple[QueuedJob, uuid.UUID]]:
+        # A token per job rather than one per statement: the heartbeat then finds each
+        # lease kept or lost on its own, and a job claimed here again after its lease
+        # was lost is told apart from its first claim. One read of the system's random
+        # source for all of them: uuid4() reads it once a token.
+        random_bytes = os.urandom(16 * limit)
+        tokens = [
+            uuid.UUID(bytes=random_bytes[16 * n : 16 * n + 16], version=4) for n in range(limit)
+        ]
+        rows = connection.execute(
             self._sql.claim,
             {
-                "token": token,
+                "limit": limit,
+                "tokens": tokens,
                 "holder": self._holder,
                 "pid": self._pid,
                 "host": self._host,
                 "lease": self.lease,
             },
-        ).fetchone()
-        if row is None:
-            return None
-        return QueuedJob(row[0], row[1], row[2])
+        ).fetchall()
+        return [(QueuedJob(row[0], row[1], row[2]), row[3]) for row in rows]
 
-    def _ack_sync(self, connection: psycopg.Connection[Any], job_id: int, token: uuid.UUID) -> bool:
+    def _ack_sync(
+        self, connection: psycopg.Connection[Any], leases: list[tuple[int, uuid.UUID]]
+    ) -> set[uuid.UUID]:
+        """Ack a group of leases in one statement; return the tokens of those acked."""
         statement = self._sql.ack_keep if self.keep_done else self._sql.ack
-        row = connection.execute(
+        rows = connection.execute(
             statement,
-            {"id": job_id, "token": token, "pid": self._pid, "shard": random.randrange(16)},
-        ).fetchone()
-        return row is not None and row[0] == 1
+            {
+                "ids": [job_id for job_id, _token in leases],
+                "tokens": [token for _job_id, token in leases],
+                "pid": self._pid,
+                "shard": random.randrange(16),
+            },
+        ).fetchall()
+        return {row[0] for row in rows}
 
     def _release_sync(
-        self, connection: psycopg.Connection[Any], job_id: int, token: uuid.UUID
-    ) -> bool:
-        row = connection.execute(
+        self, connection: psycopg.Connection[Any], leases: list[tuple[int, uuid.UUID]]
+    ) -> set[uuid.UUID]:
+        """Release a group of leases in one statement; return the tokens of those released."""
+        rows = connection.execute(
             self._sql.release,
-            {"ids": [job_id], "tokens": [token], "pid": self._pid, "detail": None},
+            {
+                "ids": [job_id for job_id, _token in leases],
+                "tokens": [token for _job_id, token in leases],
+                "pid": self._pid,
+            },
         ).fetchall()
-        return len(row) == 1
+        return {row[0] for row in rows}
 
     def _release_all_sync(
         self, connection: psycopg.Connection[Any], tokens: list[uuid.UUID]
@@ -1025,6 +1133,119 @@ class PostgresQueue:
         return [int(row[0]) for row in rows]
 
 
+class _Waiting(Generic[A, R]):
+    """One call waiting in a :class:`_Group`, and what it gets back."""
+
+    __slots__ = ("error", "item", "lead", "result", "settled", "taken", "task")
+
+    def __init__(self, item: A) -> None:
+        self.item = item
+        self.task = trio.lowlevel.current_task()
+        self.lead = False  # the lead passed to it: it sends the next statement
+        self.taken = False  # part of a statement on its way
+        self.settled = False
+        self.result: R | None = None
+        self.error: BaseException | None = None
+
+
+class _Group(Generic[A, R]):
+    """Calls that wait at the same moment, sent to the database as one statement.
+
+    ``await run(item)`` returns the result *send* gives for *item*. A call made
+    while none of the group's statements is on its way leads: it lets the tasks
+    already runnable queue their calls behind its own, then sends all of them
+    (:data:`MOST_GROUPED` at most) with one ``send(items)``, so one thread hop, one
+    round trip and one commit for all, and hands each its own result (or *send*'s
+    error to every one). Calls made while that statement is on its way queue up;
+    when it is done, the first of them leads the next. So a call returns only once
+    its own statement committed, the busier the queue object the larger the
+    groups, and a lone call goes at once, with no timer.
+
+    One statement at a time: two on their way at once made groups half as large
+    and, with the thread and round trip each costs, were slower on the whole.
+
+    With *cancellable*, a call cancelled while queued is dropped unsent; once its
+    statement is on its way, or the lead passed to it, it waits for the outcome, as
+    a thread call that started does. Without, no call is ever cut short: as if
+    shielded, without the cost of a cancel scope for each.
+    """
+
+    __slots__ = ("_busy", "_cancellable", "_queued", "_send")
+
+    def __init__(self, send: Callable[[list[A]], Awaitable[list[R]]], *, cancellable: bool) -> None:
+        self._send = send
+        self._cancellable = cancellable
+        self._queued: deque[_Waiting[A, R]] = deque()
+        # A call leads: gathering its group, waiting for its statement, or handed the
+        # lead and yet to wake up. Calls arriving meanwhile queue behind it.
+        self._busy = False
+
+    async def run(self, item: A) -> R:
+        waiting = _Waiting[A, R](item)
+        self._queued.append(waiting)
+        if self._busy:
+
+            def abort(_: Any) -> trio.lowlevel.Abort:
+                if self._cancellable and not (waiting.taken or waiting.lead):
+                    self._queued.remove(waiting)
+                    return trio.lowlevel.Abort.SUCCEEDED
+                return trio.lowlevel.Abort.FAILED
+
+            # Rescheduled once settled, or when the lead passes to it.
+            await trio.lowlevel.wait_task_rescheduled(abort)
+        else:
+            self._busy = True
+        if not waiting.settled:
+            await self._lead(waiting)
+        if waiting.error is not None:
+            raise waiting.error
+        return waiting.result  # type: ignore[return-value]  # R, set with settled
+
+    async def _lead(self, own: _Waiting[A, R]) -> None:
+        """Gather the queued calls behind *own* (the first), send them, settle them."""
+        group: list[_Waiting[A, R]] = []
+        try:
+            with trio.CancelScope(shield=True):
+                # Passes of the scheduler first, until two in a row bring no call:
+                # tasks already runnable (workers ending their jobs at the same
+                # instant, or handed theirs one after the other) queue behind ours.
+                # Two, as trio runs the tasks of a pass in either order (one let
+                # groups break up, three gathered no more). A pass costs microseconds;
+                # a statement, a millisecond or more.
+                quiet = 0
+                while quiet < 2 and len(self._queued) < MOST_GROUPED:
+                    seen = len(self._queued)
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    quiet = quiet + 1 if len(self._queued) == seen else 0
+                while self._queued and len(group) < MOST_GROUPED:
+                    waiting = self._queued.popleft()
+                    waiting.taken = True
+                    group.append(waiting)
+                try:
+                    results = await self._send([waiting.item for waiting in group])
+                except BaseException as exc:
+                    for waiting in group:
+                        waiting.error = exc
+                else:
+                    for waiting, result in zip(group, results, strict=True):
+                        waiting.result = result
+        finally:
+            for waiting in group:
+                waiting.settled = True
+                if waiting is not own:  # the others are parked in run()
+                    trio.lowlevel.reschedule(waiting.task)
+            if not own.taken:  # something (not send: it is caught) raised before it went
+                self._queued.remove(own)
+            if self._queued:
+                # The lead passes on and _busy stays set: a call arriving before the
+                # next leader wakes joins its group rather than sending one of its own.
+                following = self._queued[0]
+                following.lead = True
+                trio.lowlevel.reschedule(following.task)
+            else:
+                self._busy = False
+
+
 _NO_LEASE = (
     "lease_token = NULL, lease_holder = NULL, lease_pid = NULL, lease_host = NULL,"
     " leased_at = NULL, renewed_at = NULL, lease_expires = NULL"
@@ -1105,57 +1326,68 @@ class _Statements:
         )
         # set_config(..., true) lasts for this statement's own transaction: this commit
         # does not wait for the disk. A claim lost to a crash only hands the job out again.
+        # Each job gets its own token from %(tokens)s, in id order.
         self.claim = (
             f"WITH next AS (SELECT id FROM {jobs} WHERE state = 'queued'"
-            "  ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED),"
-            f" claimed AS (UPDATE {jobs} j SET state = 'leased', lease_token = %(token)s,"
+            "  ORDER BY id LIMIT %(limit)s FOR UPDATE SKIP LOCKED),"
+            " numbered AS (SELECT id, row_number() OVER (ORDER BY id) AS n FROM next),"
+            f" claimed AS (UPDATE {jobs} j SET state = 'leased',"
+            "  lease_token = (%(tokens)s::uuid[])[numbered.n],"
             "  lease_holder = %(holder)s, lease_pid = %(pid)s, lease_host = %(host)s,"
             "  leased_at = now(), renewed_at = now(),"
             "  lease_expires = now() + make_interval(secs => %(lease)s)"
-            "  FROM next WHERE j.id = next.id RETURNING j.id, j.payload, j.attempts),"
+            "  FROM numbered WHERE j.id = numbered.id"
+            "  RETURNING j.id, j.payload, j.attempts, j.lease_token),"
             f" logged AS ({log} SELECT id, 'claim', extract(epoch from now()), %(pid)s, NULL"
             "  FROM claimed)"
-            " SELECT id, payload, attempts, set_config('synchronous_commit', 'off', true)"
-            " FROM claimed"
+            " SELECT id, payload, attempts, lease_token,"
+            " set_config('synchronous_commit', 'off', true) FROM claimed ORDER BY id"
+        )
+        # The leases of a group of settles (%(ids)s and %(tokens)s pair up) that are
+        # still held, locked in id order: the heartbeat's renewal locks in the same
+        # order, so the two never wait on each other in a cycle. A lease that was lost
+        # meanwhile does not match: its settle changes nothing.
+        mine = (
+            f"mine AS (SELECT j.id, t.token FROM {jobs} j"
+            "  JOIN unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS t(id, token)"
+            "  ON j.id = t.id AND j.lease_token = t.token WHERE j.state = 'leased'"
+            "  ORDER BY j.id FOR UPDATE OF j),"
+        )
+        # Each statement returns the tokens of the leases it settled.
+        acked = (
+            f" counted AS (UPDATE {counters} SET done = done + (SELECT count(*) FROM gone)"
+            "  WHERE shard = %(shard)s AND EXISTS (SELECT 1 FROM gone)),"
+            f" logged AS ({log} SELECT id, 'ack', extract(epoch from now()), %(pid)s, NULL"
+            "  FROM gone)"
+            " SELECT token FROM gone"
         )
         self.ack = (
-            f"WITH gone AS (DELETE FROM {jobs}"
-            "  WHERE id = %(id)s AND state = 'leased' AND lease_token = %(token)s RETURNING id),"
-            f" counted AS (UPDATE {counters} SET done = done + 1"
-            "  WHERE shard = %(shard)s AND EXISTS (SELECT 1 FROM gone)),"
-            f" logged AS ({log} SELECT id, 'ack', extract(epoch from now()), %(pid)s, NULL"
-            "  FROM gone)"
-            " SELECT count(*) FROM gone"
+            f"WITH {mine} gone AS (DELETE FROM {jobs} j USING mine WHERE j.id = mine.id"
+            "  RETURNING j.id, mine.token)," + acked
         )
         self.ack_keep = (
-            f"WITH gone AS (UPDATE {jobs} SET state = 'done', done_at = now(), {_NO_LEASE}"
-            "  WHERE id = %(id)s AND state = 'leased' AND lease_token = %(token)s RETURNING id),"
-            f" counted AS (UPDATE {counters} SET done = done + 1"
-            "  WHERE shard = %(shard)s AND EXISTS (SELECT 1 FROM gone)),"
-            f" logged AS ({log} SELECT id, 'ack', extract(epoch from now()), %(pid)s, NULL"
-            "  FROM gone)"
-            " SELECT count(*) FROM gone"
-        )
-        back = (
-            f" logged AS ({log} SELECT id, 'release', extract(epoch from now()), %(pid)s,"
-            "  %(detail)s::text FROM back)"
-            f" SELECT id, pg_notify('{self.channel}', '') FROM back"
+            f"WITH {mine} gone AS (UPDATE {jobs} j SET state = 'done', done_at = now(),"
+            f"  {_NO_LEASE} FROM mine WHERE j.id = mine.id RETURNING j.id, mine.token)," + acked
         )
         self.release = (
-            f"WITH back AS (UPDATE {jobs} SET state = 'queued', {_NO_LEASE}"
-            "  WHERE id = ANY(%(ids)s::bigint[]) AND state = 'leased'"
-            "  AND lease_token = ANY(%(tokens)s::uuid[]) RETURNING id)," + back
+            f"WITH {mine} back AS (UPDATE {jobs} j SET state = 'queued', {_NO_LEASE}"
+            "  FROM mine WHERE j.id = mine.id RETURNING j.id, mine.token),"
+            f" logged AS ({log} SELECT id, 'release', extract(epoch from now()), %(pid)s,"
+            "  NULL FROM back)"
+            f" SELECT token, pg_notify('{self.channel}', '') FROM back"
         )
         self.release_tokens = (
             f"WITH back AS (UPDATE {jobs} SET state = 'queued', {_NO_LEASE}"
             "  WHERE state = 'leased' AND lease_token = ANY(%(tokens)s::uuid[]) RETURNING id),"
-            + back
+            f" logged AS ({log} SELECT id, 'release', extract(epoch from now()), %(pid)s,"
+            "  %(detail)s::text FROM back)"
+            f" SELECT id, pg_notify('{self.channel}', '') FROM back"
         )
         self.renew = (
-            f"UPDATE {jobs} SET renewed_at = now(),"
-            " lease_expires = now() + make_interval(secs => %(lease)s)"
-            " WHERE id = ANY(%(ids)s::bigint[]) AND state = 'leased'"
-            " AND lease_token = ANY(%(tokens)s::uuid[]) RETURNING lease_token"
+            f"WITH {mine} renewed AS (UPDATE {jobs} j SET renewed_at = now(),"
+            "  lease_expires = now() + make_interval(secs => %(lease)s)"
+            "  FROM mine WHERE j.id = mine.id RETURNING mine.token)"
+            " SELECT token FROM renewed"
         )
         # Expired leases, and those whose holder's lock is free (its session ended) and
         # that were not renewed for a while. The lock test is skipped just after a server
