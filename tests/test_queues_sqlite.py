@@ -343,6 +343,28 @@ async def test_closing_releases_leases_and_ends_claims(db: Path) -> None:
     assert history(db)[-1] == (1, "release")
 
 
+async def test_a_handle_from_an_earlier_claim_cannot_settle_the_job_claimed_again(
+    db: Path,
+) -> None:
+    async with SQLiteQueue(db) as queue:
+        await queue.put("a")
+        first = await claim(queue)
+        await queue.fail(first, "boom")  # back in the queue, claimed again below
+        second = await claim(queue)
+        assert (second.id, second.attempts) == (first.id, 1)
+        for settle in (queue.ack, queue.release):
+            with pytest.raises(NotLeasedError):
+                await settle(first)
+        await queue.aclose()
+        await queue.open()
+        third = await claim(queue)  # the same job, after a close and a reopen
+        for stale in (first, second):
+            with pytest.raises(NotLeasedError):
+                await queue.ack(stale)
+        await queue.ack(third)
+        assert await queue.statistics() == stats(done=1)
+
+
 async def test_a_closed_queue_opens_again_and_fences_its_old_leases(db: Path) -> None:
     # What a service that owns the queue does when it restarts.
     queue = SQLiteQueue(db)

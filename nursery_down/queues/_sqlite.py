@@ -206,6 +206,11 @@ class SQLiteQueue:
         self._pid = 0
         self._token = ""
         self._owner = uuid.uuid4().hex
+        # The job handed out by each lease this object holds, by id: a job is
+        # settled through the very QueuedJob its claim returned, so a handle from an
+        # earlier claim of the same id (before a close, or before a failed attempt)
+        # can never settle the claim that holds the job now.
+        self._claims: dict[int, QueuedJob] = {}
 
     # -- opening and closing ------------------------------------------------------------
 
@@ -218,6 +223,9 @@ class SQLiteQueue:
         :class:`QueueCorruptError`, :class:`QueueLockedError` or
         :class:`QueueUnwritableError` with what to do.
         """
+        if self._writer is not None:
+            # Before the lock, which may belong to another trio run as the writer does.
+            self._writer.check_run()
         if self._open_lock is None:
             self._open_lock = trio.Lock()
             self._read_limiter = trio.CapacityLimiter(1)
@@ -227,6 +235,7 @@ class SQLiteQueue:
             if self._closed:
                 # A new owner: a lease taken before the close is fenced off for good.
                 self._owner = uuid.uuid4().hex
+                self._claims.clear()
                 self._closed = False
             self._pid = os.getpid()
             self._token = process_token(self._pid) or ""
@@ -248,7 +257,14 @@ class SQLiteQueue:
 
     async def aclose(self) -> None:
         """Close the file. Claims return ``None`` from now on; jobs still leased through
-        this object go back to the queue (unstarted, attempt not counted)."""
+        this object go back to the queue (unstarted, attempt not counted).
+
+        A queue left open by a ``trio.run()`` that has ended is closed by any later
+        one; one open in another ``trio.run()`` still running raises
+        :class:`QueueError`, and stays open.
+        """
+        if self._writer is not None:
+            self._writer.check_run(closing=True)
         if self._closed:
             await trio.lowlevel.checkpoint()
             return
@@ -261,6 +277,7 @@ class SQLiteQueue:
             async with self._open_lock:  # never half-closed under a reopening
                 writer, reader = self._writer, self._reader
                 self._writer = self._reader = None
+                self._claims.clear()
                 if writer is not None:
                     await writer.stop(self._close_sync)
                 if reader is not None:
@@ -336,23 +353,29 @@ class SQLiteQueue:
             )
             if jobs:
                 # Closed while the claim ran: aclose() releases every lease of this
-                # object after it, these included, so hand nothing out.
-                return [] if self._closed else jobs
+                # object after it, these included, so hand nothing out. (Read
+                # through the property: the write above may have seen it change.)
+                if self.closed:
+                    return []
+                claims = self._claims
+                for job in jobs:
+                    claims[job.id] = job
+                return jobs
             with trio.move_on_after(self.poll_interval):
                 await wakeup.wait()
 
     async def ack(self, job: QueuedJob) -> None:
         """The job is done: delete it (counted in ``statistics().done``)."""
-        await self._settle(self._ack_sync, job.id)
+        await self._settle(self._ack_sync, job, "ack")
 
     async def release(self, job: QueuedJob) -> None:
         """Put the job back, unstarted; its attempt is not counted."""
-        await self._settle(self._release_sync, job.id)
+        await self._settle(self._release_sync, job, "release")
         self._wake()
 
     async def fail(self, job: QueuedJob, error: BaseException | str) -> None:
         """Count a failed attempt: requeue the job, or dead-letter it after ``max_attempts``."""
-        await self._settle(self._fail_sync, job.id, describe_error(error))
+        await self._settle(self._fail_sync, job, "fail", describe_error(error))
         self._wake()
 
     # -- reading ------------------------------------------------------------------------
@@ -412,6 +435,7 @@ class SQLiteQueue:
         writer = self._writer
         if writer is None:  # closed while it opened
             raise trio.ClosedResourceError("this SQLiteQueue was closed")
+        writer.check_run()  # reads too: the reader's lock belongs to the same run
         return writer
 
     async def _write(
@@ -440,12 +464,27 @@ class SQLiteQueue:
 
         return await trio.to_thread.run_sync(translated, limiter=self._read_limiter)
 
-    async def _settle(self, function: Callable[..., None], *args: Any) -> None:
+    async def _settle(
+        self, function: Callable[..., None], job: QueuedJob, action: str, *args: Any
+    ) -> None:
         # Settling is never cut half-way: a job acked, released or failed stays so.
         with trio.CancelScope(shield=True):
             if self._writer is None and self._closed:
                 raise trio.ClosedResourceError("this SQLiteQueue was closed")
-            await self._write(function, *args)
+            claims = self._claims
+            if claims.get(job.id) is not job:
+                await trio.lowlevel.checkpoint()
+                raise _not_leased(job.id, action)
+            try:
+                await self._write(function, job.id, *args)
+            except NotLeasedError:
+                if claims.get(job.id) is job:
+                    del claims[job.id]
+                raise
+            # Settled: this handle is spent (a concurrent settle of it may have
+            # removed it already).
+            if claims.get(job.id) is job:
+                del claims[job.id]
 
     def _wakeup_event(self) -> trio.Event:
         if self._wakeup is None:
