@@ -71,6 +71,8 @@ GENERATION_ENV: Final = "NURSERY_DOWN_GENERATION"
 DEFAULT_INTERVAL: Final = 2.0
 #: Overrides DEFAULT_INTERVAL for the processes started with it set.
 FLEET_INTERVAL_ENV: Final = "NURSERY_DOWN_FLEET_INTERVAL"
+#: The answer to a command its process stopped before taking (a refusal: 409).
+NOT_CARRIED_OUT: Final = "refused: the process stopped before carrying it out"
 #: Reports a process may miss before it is shown as gone.
 GONE_AFTER: Final = 3
 #: Seconds a process that stopped (or went away) stays listed.
@@ -471,6 +473,15 @@ class FleetMember:
                     final,
                 ),
             )
+            if final:
+                # Commands this process never took will never be carried out: say so,
+                # rather than leave the one who asked without an answer. (Those it took
+                # are answered by their own task, shielded, as the program ends.)
+                connection.execute(
+                    "UPDATE nd_fleet_commands SET taken_at = now(), result = %s"
+                    " WHERE process_id = %s AND taken_at IS NULL",
+                    (NOT_CARRIED_OUT, self.id),
+                )
             # Whoever reports also forgets the processes that ended long ago.
             connection.execute(
                 "DELETE FROM nd_fleet_processes WHERE coalesce(stopped_at, heartbeat_at)"

@@ -141,6 +141,40 @@ async def test_a_refused_action_says_why(postgres_dsn: str) -> None:
         assert sup.snapshot()["services"][0]["hard_cancelled"] == 0  # it finished on the drain
 
 
+async def test_a_command_its_process_stopped_before_taking_is_answered(postgres_dsn: str) -> None:
+    sup = held_app("orders")
+    async with nd.open_supervisor(sup, fleet=False):
+        # Registered, but not listening: it takes no command, as a process in its
+        # last instant would not.
+        quiet = FleetMember(sup, postgres_dsn, interval=INTERVAL)
+        await quiet._report_once()
+        asker = FleetMember(held_app("ops"), postgres_dsn, interval=INTERVAL)
+        answers: list[dict[str, Any]] = []
+
+        async def ask() -> None:
+            answers.append(await asker.ask(quiet.id, "drain", None, actor="cli 127.0.0.1"))
+
+        with trio.fail_after(PATIENCE):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ask)
+                while not await asker._call(pending_commands, quiet.id):
+                    await trio.sleep(INTERVAL / 2)  # written by the other task's thread
+                await quiet._report_once(final=True)  # the process stops
+        assert answers[0]["result"] == "refused: the process stopped before carrying it out"
+        assert sup.app_state == "running"  # nothing was done
+        sup.drain_nowait()
+    await quiet.aclose()
+    await asker.aclose()
+
+
+def pending_commands(connection: psycopg.Connection[Any], process_id: str) -> int:
+    row = connection.execute(
+        "SELECT count(*) FROM nd_fleet_commands WHERE process_id = %s AND result IS NULL",
+        (process_id,),
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
 async def test_bad_asks_are_refused_before_they_reach_the_database(postgres_dsn: str) -> None:
     sup = held_app("orders")
     async with member_of(sup, postgres_dsn) as member:
