@@ -27,8 +27,10 @@ import trio.testing
 
 import nursery_down as nd
 from nursery_down.queues import (
+    NotLeasedError,
     QueueCorruptError,
     QueuedJob,
+    QueueError,
     QueueLockedError,
     SQLiteQueue,
 )
@@ -268,6 +270,65 @@ async def test_operations_on_a_queue_whose_file_is_corrupt_then_on_a_good_one(db
 
 
 # -- other trio runs ---------------------------------------------------------------------------
+
+
+async def test_a_queue_left_open_by_a_trio_run_that_ended(db: Path) -> None:
+    queue = SQLiteQueue(db)
+    claimed: list[QueuedJob] = []
+
+    async def first() -> None:
+        await queue.put_many(["a", "b"])
+        claimed.append(await claim(queue))  # and the run ends without closing it
+
+    await in_another_run(first)
+    assert file_stats(db) == {"queued": 1, "leased": 1}
+
+    async def second() -> None:
+        for use in (lambda: queue.put("c"), queue.statistics, queue.open):
+            with pytest.raises(QueueError, match=r"ended without closing it.*aclose\(\)"):
+                await use()
+        await queue.aclose()  # releases what the first run held
+        assert file_stats(db) == {"queued": 2, "leased": 0}
+        with pytest.raises(trio.ClosedResourceError, match="open it again"):
+            await queue.put("c")
+        async with queue:
+            await queue.put("c")
+            job = await claim(queue)
+            assert job.payload == "a"
+            await queue.ack(job)
+
+    await in_another_run(second)
+    async with queue:  # closed properly in that run: this one opens it again
+        assert await queue.statistics() == stats(queued=2, done=1)
+        with pytest.raises(NotLeasedError):
+            await queue.ack(claimed[0])
+    assert_history_whole(db)
+
+
+async def test_a_queue_open_in_another_running_trio_run_is_refused_not_hung(db: Path) -> None:
+    queue = SQLiteQueue(db)
+    opened = threading.Event()
+    finish = threading.Event()
+
+    async def owner() -> None:
+        async with queue:
+            await queue.put("a")
+            opened.set()
+            await trio.to_thread.run_sync(finish.wait, PATIENCE)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(in_another_run, owner)
+        with trio.fail_after(PATIENCE):
+            await trio.to_thread.run_sync(opened.wait, PATIENCE)
+            with pytest.raises(QueueError, match=r"another trio\.run\(\), which is still running"):
+                await queue.put("b")
+            with pytest.raises(QueueError, match=r"another trio\.run\(\), which is still running"):
+                await queue.aclose()
+            refused_closed = queue.closed  # refused: nothing changed
+            finish.set()
+    assert not refused_closed
+    assert queue.closed  # closed by its owner
+    assert file_stats(db) == {"queued": 1, "leased": 0}
 
 
 # -- several objects and processes on one file -------------------------------------------------

@@ -48,6 +48,10 @@ class _Operation(Generic[T]):
         self.result: outcome.Outcome[T] | None = None
 
 
+def _nothing() -> None:
+    pass
+
+
 class _Stop:
     """Sent last: the writer runs *final* on its connection, closes it and ends."""
 
@@ -109,7 +113,13 @@ class GroupWriter:
             daemon=True,
         )
         self._thread.start()
-        await self._wait(opened)
+        try:
+            await self._wait(opened)
+        except BaseException:
+            # Opening failed and the thread is ending: joined (a matter of
+            # microseconds), so that none is left behind once this raises.
+            await trio.to_thread.run_sync(self._thread.join)
+            raise
 
     async def run(
         self,
@@ -132,11 +142,7 @@ class GroupWriter:
         await trio.lowlevel.checkpoint_if_cancelled()
         if self._stopped or self._thread is None:
             raise trio.ClosedResourceError("the queue's writer was stopped")
-        if trio.lowlevel.current_trio_token() is not self._token:
-            raise QueueError(
-                "this queue was opened in another trio.run(); close it there "
-                "(await queue.aclose()) and open it in this one"
-            )
+        self.check_run()
         operation = _Operation(function, args, peek, idle)
         self._inbox.put(operation)
         return await self._wait(operation)
@@ -147,7 +153,13 @@ class GroupWriter:
         if self._stopped or self._thread is None:
             await trio.lowlevel.checkpoint()
             return
+        self.check_run(closing=True)
         self._stopped = True
+        if not self._thread.is_alive():
+            # It ended with the trio run it delivered to: the connection is closed,
+            # and nothing would ever answer.
+            await trio.lowlevel.checkpoint()
+            return
         last = _Operation(final, ())
         self._inbox.put(_Stop(last))
         try:
@@ -156,6 +168,39 @@ class GroupWriter:
             thread = self._thread
             # The thread ends right after delivering: joining takes microseconds.
             await trio.to_thread.run_sync(thread.join)
+
+    def check_run(self, *, closing: bool = False) -> None:
+        """Raise :class:`QueueError` unless the calling trio run opened this writer.
+
+        The writer wakes its callers through the trio run that opened it: a task of
+        another run would never be woken (or be woken inside the wrong run). With
+        *closing*, a writer whose run has ended passes to the calling run, so that
+        it can be stopped: no task of the ended run waits on it any more.
+        """
+        token = trio.lowlevel.current_trio_token()
+        if token is self._token:
+            return
+        if not self._run_ended():
+            raise QueueError(
+                "this queue is open in another trio.run(), which is still running; "
+                "close it there (await queue.aclose()) and open it in this one"
+            )
+        if closing:
+            self._token = token  # read by the writer thread only after the next put
+            return
+        raise QueueError(
+            "this queue was opened in a trio.run() that ended without closing it, and "
+            "the jobs claimed there are still leased to it; await queue.aclose() in "
+            "this one (it releases them), then open it again"
+        )
+
+    def _run_ended(self) -> bool:
+        assert self._token is not None
+        try:
+            self._token.run_sync_soon(_nothing)
+        except trio.RunFinishedError:
+            return True
+        return False
 
     # -- on the trio thread -------------------------------------------------------------
 
