@@ -219,6 +219,109 @@ async def test_operations_cancelled_after_the_hand_over_complete(db: Path) -> No
 # -- closing while operations are in flight --------------------------------------------------
 
 
+@pytest.mark.parametrize("opened", [True, False], ids=["opened", "first-use"])
+@pytest.mark.parametrize("steps", [0, 1, 2, 5, -1], ids=lambda n: f"steps={n}")
+async def test_closing_while_100_operations_are_in_flight(
+    db: Path, opened: bool, steps: int
+) -> None:
+    """Each operation completes or finds the queue closed; the close waits for those
+    handed over, leaves no lease behind, and the queue opens again.
+
+    *steps*: scheduling steps the operations get before the close (-1: until every
+    one of them waits); the queue may not be open yet when they start (first use).
+    """
+    before = writer_threads(db)
+    if not opened:
+        async with SQLiteQueue(db) as queue:
+            await queue.put_many(range(30))
+    queue = SQLiteQueue(db, poll_interval=NEVER)
+    if opened:
+        await queue.put_many(range(30))
+    put_ids: list[int] = []
+    acked: list[int] = []
+    outcomes: collections.Counter[str] = collections.Counter()
+
+    async def put(n: int) -> None:
+        try:
+            put_ids.extend(await queue.put_many([f"put {n}", f"more {n}"]))
+            outcomes["put"] += 1
+        except trio.ClosedResourceError:
+            outcomes["put closed"] += 1
+
+    async def claim_and_ack() -> None:
+        try:
+            job = await queue.claim()
+        except trio.ClosedResourceError:
+            outcomes["claim closed"] += 1
+            return
+        if job is None:
+            outcomes["claim none"] += 1
+            return
+        try:
+            await queue.ack(job)
+        except trio.ClosedResourceError:
+            outcomes["ack closed"] += 1  # the close released it
+            return
+        acked.append(job.id)
+        outcomes["acked"] += 1
+
+    async def read() -> None:
+        try:
+            await queue.statistics()
+            outcomes["read"] += 1
+        except trio.ClosedResourceError:
+            outcomes["read closed"] += 1
+
+    with trio.fail_after(PATIENCE):
+        async with trio.open_nursery() as nursery:
+            for n in range(40):
+                nursery.start_soon(put, n)
+            for _ in range(50):  # more than are queued: some wait until the close
+                nursery.start_soon(claim_and_ack)
+            for _ in range(10):
+                nursery.start_soon(read)
+            if steps < 0:
+                await trio.testing.wait_all_tasks_blocked()
+            for _ in range(steps):
+                await trio.lowlevel.checkpoint()
+            await queue.aclose()
+            # Closed, and stays closed whatever was in flight.
+            assert queue.closed
+            with pytest.raises(trio.ClosedResourceError):
+                await queue.put("late")
+            assert await queue.claim() is None
+            assert file_stats(db)["leased"] == 0
+    assert sum(outcomes.values()) == 100, outcomes
+    assert queue.closed
+    assert writer_threads(db) == before  # the writer ended with the close
+    assert file_stats(db)["leased"] == 0
+    done = acks_by_job(db)
+    assert set(done) == set(acked)
+    waiting = {job for (job,) in query(db, "SELECT id FROM jobs")}
+    assert set(put_ids) <= waiting | set(done)  # every put that returned is stored
+    async with queue:  # opens again
+        left = await queue.statistics()
+        assert left == stats(queued=30 + len(put_ids) - len(acked), done=len(acked))
+    assert_history_whole(db)
+
+
+async def test_two_closes_at_once_both_return_once_the_leases_are_released(db: Path) -> None:
+    queue = SQLiteQueue(db)
+    await queue.put_many(["a", "b"])
+    await claim(queue)
+    seen: list[dict[str, int]] = []
+
+    async def close() -> None:
+        await queue.aclose()
+        seen.append(file_stats(db))
+
+    with trio.fail_after(PATIENCE):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(close)
+            nursery.start_soon(close)
+    assert seen == [{"queued": 2, "leased": 0}] * 2
+
+
 async def test_open_from_many_tasks_at_once_opens_once(db: Path) -> None:
     before = writer_threads(db)
     queue = SQLiteQueue(db)

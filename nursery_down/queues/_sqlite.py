@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -223,6 +224,9 @@ class SQLiteQueue:
         :class:`QueueCorruptError`, :class:`QueueLockedError` or
         :class:`QueueUnwritableError` with what to do.
         """
+        await self._open(reopen=True)
+
+    async def _open(self, *, reopen: bool) -> None:
         if self._writer is not None:
             # Before the lock, which may belong to another trio run as the writer does.
             self._writer.check_run()
@@ -233,6 +237,12 @@ class SQLiteQueue:
             if self._writer is not None:
                 return
             if self._closed:
+                if not reopen:
+                    # A first use that waited here while the queue was closed: only
+                    # an explicit open() opens a closed queue again.
+                    raise trio.ClosedResourceError(
+                        "this SQLiteQueue was closed; open it again with open() or 'async with'"
+                    )
                 # A new owner: a lease taken before the close is fenced off for good.
                 self._owner = uuid.uuid4().hex
                 self._claims.clear()
@@ -265,23 +275,28 @@ class SQLiteQueue:
         """
         if self._writer is not None:
             self._writer.check_run(closing=True)
-        if self._closed:
-            await trio.lowlevel.checkpoint()
-            return
         self._closed = True
         self._wake()
-        if self._writer is None or self._open_lock is None:
+        if self._open_lock is None:  # never opened
             await trio.lowlevel.checkpoint()
             return
         with trio.CancelScope(shield=True):
-            async with self._open_lock:  # never half-closed under a reopening
+            # Always through the lock, even when closed already or not open yet: an
+            # open in progress (a first use, say) finishes and is closed here rather
+            # than after this returned, and a second close returns only once the
+            # first one is done. Never half-closed under a reopening, either.
+            async with self._open_lock:
+                self._closed = True  # again: an open() that came first reopened it
+                self._wake()
                 writer, reader = self._writer, self._reader
                 self._writer = self._reader = None
                 self._claims.clear()
-                if writer is not None:
-                    await writer.stop(self._close_sync)
-                if reader is not None:
-                    await self._in_reader_thread(reader.close)
+                try:
+                    if writer is not None:
+                        await writer.stop(self._close_sync)
+                finally:
+                    if reader is not None:
+                        await self._in_reader_thread(reader.close)
 
     async def __aenter__(self) -> Self:
         await self.open()
@@ -330,7 +345,9 @@ class SQLiteQueue:
         if not is_count(limit):
             raise ConfigurationError(f"limit must be a whole number >= 1, got {limit!r}")
         if not self._closed:
-            await self._ready()
+            # Closed while it opened: no jobs, as below.
+            with contextlib.suppress(trio.ClosedResourceError):
+                await self._ready()
         while True:
             if self._closed:
                 await trio.lowlevel.checkpoint()
@@ -431,7 +448,7 @@ class SQLiteQueue:
                 raise trio.ClosedResourceError(
                     "this SQLiteQueue was closed; open it again with open() or 'async with'"
                 )
-            await self.open()
+            await self._open(reopen=False)
         writer = self._writer
         if writer is None:  # closed while it opened
             raise trio.ClosedResourceError("this SQLiteQueue was closed")
