@@ -372,6 +372,26 @@ async def test_operations_on_a_queue_whose_file_is_corrupt_then_on_a_good_one(db
     await queue.aclose()
 
 
+async def test_a_close_that_cannot_release_its_leases_leaves_none_stuck(db: Path) -> None:
+    """The close could not write (another process held the lock beyond the busy
+    timeout): the leases it should have released are taken back later, by this object
+    opening again or by any other of this process, never left leased for good."""
+    queue = SQLiteQueue(db, busy_timeout=0.2)
+    await queue.put_many(["a", "b", "c"])
+    held = [await claim(queue), await claim(queue)]
+    with write_lock_held(db), pytest.raises(QueueLockedError, match="busy_timeout"):
+        await queue.aclose()
+    assert queue.closed
+    assert file_stats(db) == {"queued": 1, "leased": 2}
+    async with SQLiteQueue(db) as other:  # another object of this process
+        assert await other.statistics() == stats(queued=3)
+    async with queue:
+        with pytest.raises(NotLeasedError):
+            await queue.ack(held[0])  # fenced off by the close
+        assert await queue.statistics() == stats(queued=3)
+    assert_history_whole(db)
+
+
 # -- other trio runs ---------------------------------------------------------------------------
 
 

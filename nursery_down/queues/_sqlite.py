@@ -84,6 +84,12 @@ INSERT OR IGNORE INTO counters (name, value) VALUES ('done', 0);
 
 Synchronous = Literal["FULL", "NORMAL"]
 
+#: The lease owners (SQLiteQueue objects) open in this process. A lease of this
+#: process whose owner is not among them belongs to a queue whose close could not
+#: write its releases (the file stayed locked): nothing can settle it any more, and
+#: nothing would take it back while this process runs, so recovery releases it.
+_OPEN_OWNERS: set[str] = set()
+
 #: At most this many history rows are deleted by one pass of the pruning, so that a
 #: pass never holds the write lock long; passes come with each lease recovery.
 PRUNE_STEP = 20_000
@@ -249,18 +255,23 @@ class SQLiteQueue:
                 self._closed = False
             self._pid = os.getpid()
             self._token = process_token(self._pid) or ""
+            _OPEN_OWNERS.add(self._owner)  # before any claim can lease to it
             writer = GroupWriter(
                 os.path.basename(self.path),
                 self._open_sync,
                 functools.partial(translate_error, path=self.path, busy_timeout=self.busy_timeout),
                 refusals=(NotLeasedError,),
             )
-            await writer.start()
             try:
-                self._reader = await self._in_reader_thread(self._connect)
+                await writer.start()
+                try:
+                    self._reader = await self._in_reader_thread(self._connect)
+                except BaseException:
+                    with trio.CancelScope(shield=True):
+                        await writer.stop(_leave)
+                    raise
             except BaseException:
-                with trio.CancelScope(shield=True):
-                    await writer.stop(_leave)
+                _OPEN_OWNERS.discard(self._owner)
                 raise
             self._writer = writer
             self._next_recovery = trio.current_time() + self.recover_interval
@@ -295,6 +306,9 @@ class SQLiteQueue:
                     if writer is not None:
                         await writer.stop(self._close_sync)
                 finally:
+                    # Even when the close could not release the leases (the file
+                    # stayed locked): the next recovery in this process does.
+                    _OPEN_OWNERS.discard(self._owner)
                     if reader is not None:
                         await self._in_reader_thread(reader.close)
 
@@ -425,7 +439,9 @@ class SQLiteQueue:
     async def recover(self) -> int:
         """Take back the jobs leased by processes that no longer run, now; return how many.
 
-        They are requeued, or dead-lettered once they reach *max_lost_leases*.
+        They are requeued, or dead-lettered once they reach *max_lost_leases*. Jobs
+        leased through a queue of this process whose close could not release them
+        (the file stayed locked) are released too.
 
         Opening the queue and claiming do this by themselves.
         """
@@ -707,7 +723,10 @@ class SQLiteQueue:
         ).fetchall()
         recovered = 0
         for pid, token in holders:
-            if (pid, token) == (self._pid, self._token) or process_alive(pid, token):
+            if (pid, token) == (self._pid, self._token):
+                recovered += self._release_closed_owners(connection)
+                continue
+            if process_alive(pid, token):
                 continue
             now = time.time()
             ids = [
@@ -729,6 +748,23 @@ class SQLiteQueue:
                 self._bury_job_killers(connection, ids, pid, now)
             recovered += len(ids)
         return recovered
+
+    def _release_closed_owners(self, connection: sqlite3.Connection) -> int:
+        """Release the leases of this process's queues that were closed without
+        releasing them (see _OPEN_OWNERS)."""
+        rows = connection.execute(
+            "SELECT id, lease_owner FROM jobs WHERE state = 'leased' AND lease_pid = ?"
+            " AND lease_token IS ?",
+            (self._pid, self._token),
+        ).fetchall()
+        ids = [job_id for job_id, owner in rows if owner not in _OPEN_OWNERS]
+        connection.executemany(
+            "UPDATE jobs SET state = 'queued', lease_pid = NULL, lease_token = NULL,"
+            " lease_owner = NULL, leased_at = NULL WHERE id = ?",
+            [(job_id,) for job_id in ids],
+        )
+        self._log(connection, ids, "release", "queue closed")
+        return len(ids)
 
     def _prune_on(self, connection: sqlite3.Connection) -> int:
         """Delete up to PRUNE_STEP of the oldest history rows beyond the bounds, whole
