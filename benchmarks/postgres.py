@@ -13,9 +13,14 @@ enqueue and 20-job-concurrency consume in a virtual environment of its own under
 ``~/.cache/nursery-down/bench-peers`` (installed with pip on first use; reported as
 skipped when it cannot be installed). It is never a dependency of nursery_down.
 
+Figures 1 and 2 are measured in three rounds, each of PostgresQueue then pgqueuer on
+fresh databases, and reported as the median and range of the rounds: on a shared
+machine the load moves within a minute, and alternating keeps either side from
+having all the quiet (or busy) stretches.
+
 The server is a fresh cluster from the Debian packages (nursery_down.testing.start_postgres),
 or the one ``NURSERY_DOWN_TEST_POSTGRES`` names. Run: ``python benchmarks/postgres.py``
-(about a minute; ``--quick`` for a smoke run).
+(about two minutes; ``--quick`` for a smoke run).
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ JOBS = 2_000 if QUICK else 10_000
 PUTS = 1_000 if QUICK else 5_000
 LATENCY_SAMPLES = 30 if QUICK else 200
 KILLS = 1 if QUICK else 3
+ROUNDS = 1 if QUICK else 3
 PEERS = Path.home() / ".cache" / "nursery-down" / "bench-peers"
 
 
@@ -311,28 +317,51 @@ def main() -> int:
     except NoPostgresError as exc:
         print(f"skipped: {exc}")
         return 0
+    keys = ("single", "batch", "consume")
+    ours: list[dict[str, float]] = []
+    theirs: list[dict[str, float]] = []
+    peer_skipped = ""
+    load_before = os.getloadavg()[0]
     try:
-        ours_dsn, peer_dsn = server.create_database(), server.create_database()
-        [(fsync,)] = _query(ours_dsn, "SHOW fsync")
-        print(f"PostgreSQL at {server.dsn} (fsync={fsync}), {WORKERS} workers, {JOBS} jobs\n")
-        single, batch = trio.run(enqueue_rates, ours_dsn)
-        consume = trio.run(claim_ack_rate, ours_dsn)
-        delays = trio.run(put_to_claim, ours_dsn)
-        kills = trio.run(kill_to_rerun, ours_dsn)
-        peer = run_pgqueuer(peer_dsn)
+        [(fsync,)] = _query(server.create_database(), "SHOW fsync")
+        print(
+            f"PostgreSQL at {server.dsn} (fsync={fsync}), {WORKERS} workers, {JOBS} jobs, "
+            f"{ROUNDS} round{'s' if ROUNDS > 1 else ''}\n"
+        )
+        for _ in range(ROUNDS):
+            ours_dsn, peer_dsn = server.create_database(), server.create_database()
+            single, batch = trio.run(enqueue_rates, ours_dsn)
+            consume = trio.run(claim_ack_rate, ours_dsn)
+            ours.append({"single": single, "batch": batch, "consume": consume})
+            if not peer_skipped:
+                peer = run_pgqueuer(peer_dsn)
+                if isinstance(peer, dict):
+                    theirs.append(peer)
+                else:
+                    peer_skipped = peer
+        latency_dsn = server.create_database()
+        delays = trio.run(put_to_claim, latency_dsn)
+        kills = trio.run(kill_to_rerun, latency_dsn)
     finally:
         remove_postgres(server)
-    print(f"{'jobs/s':<34}{'PostgresQueue':>15}{'pgqueuer':>12}")
-    rows = [
-        ("enqueue, one job a call (20 callers)", single, "single"),
-        ("enqueue, batches of 500", batch, "batch"),
-        ("claim+ack, 20 workers", consume, "consume"),
-    ]
-    for label, ours, key in rows:
-        theirs = f"{peer[key]:>12,.0f}" if isinstance(peer, dict) else f"{'skipped':>12}"
-        print(f"{label:<34}{ours:>15,.0f}{theirs}")
-    if not isinstance(peer, dict):
-        print(f"pgqueuer skipped: {peer}")
+    print(f"\n{'jobs/s, median (range) of the rounds':<38}{'PostgresQueue':>24}{'pgqueuer':>24}")
+    labels = {
+        "single": "enqueue, one job a call (20 callers)",
+        "batch": "enqueue, batches of 500",
+        "consume": "claim+ack, 20 workers",
+    }
+    for key in keys:
+        line = f"{labels[key]:<38}{_spread([r[key] for r in ours]):>24}"
+        if theirs:
+            line += f"{_spread([r[key] for r in theirs]):>24}"
+            ahead = sum(o[key] > t[key] for o, t in zip(ours, theirs, strict=False))
+            line += f"   ahead in {ahead} of {min(len(ours), len(theirs))}"
+        else:
+            line += f"{'skipped':>24}"
+        print(line)
+    if peer_skipped:
+        print(f"pgqueuer skipped: {peer_skipped}")
+    print(f"load average (1 min): {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
     print(
         f"\nput -> claim by an idle worker: p50 {percentile(delays, 0.5) * 1000:.1f} ms, "
         f"p99 {percentile(delays, 0.99) * 1000:.1f} ms ({len(delays)} puts)"
@@ -343,6 +372,13 @@ def main() -> int:
         + f" (median {statistics.median(kills):.2f} s)"
     )
     return 0
+
+
+def _spread(values: list[float]) -> str:
+    """``median (low-high)`` of the rounds' figures, or the one figure of a single round."""
+    if len(values) == 1:
+        return f"{values[0]:,.0f}"
+    return f"{statistics.median(values):,.0f} ({min(values):,.0f}-{max(values):,.0f})"
 
 
 def _query(dsn: str, text: str) -> list[tuple[object, ...]]:
