@@ -627,6 +627,47 @@ async def test_a_pool_of_50_workers_runs_5000_jobs_once_each_through_a_drain(db:
 # -- the history, pruned while a checker reads it ----------------------------------------------
 
 
+async def test_pruning_never_leaves_part_of_a_jobs_history_for_a_reader(db: Path) -> None:
+    """Rows of 7,500 jobs interleave (every enqueue, then every claim, then every
+    ack): a pass that deleted rows up to a count, not whole jobs, would leave acks
+    of jobs whose enqueue is gone. A checker reads all along."""
+    count = 7500
+    async with SQLiteQueue(db, max_attempts=1, keep_history=None, max_history=1) as queue:
+        await queue.put_many(range(count))
+        jobs = await queue.claim_many(count)
+        async with trio.open_nursery() as nursery:
+            for job in jobs:
+                nursery.start_soon(queue.ack, job)
+        # Histories that must stay whole: a job queued, one leased and one dead.
+        await queue.put_many(["queued", "leased", "dead"])
+        waiting, leased, dead = await queue.claim_many(3)
+        await queue.release(waiting)
+        await queue.fail(dead, "boom")
+        checked = 0
+        pruning = True
+
+        async def checker() -> None:
+            nonlocal checked
+            while pruning or not checked:
+                history = await trio.to_thread.run_sync(read_history, None, db)
+                report = check_history(history)
+                assert (report.lost, report.unexpected) == ((), ()), report.describe()
+                checked += 1
+
+        with trio.fail_after(PATIENCE):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(checker)
+                passes = 0
+                while await queue.prune_history():
+                    passes += 1
+                    assert_history_whole(db)  # after every pass
+                pruning = False
+        assert passes == 2  # 22,500 rows: more than one pass takes
+        left = {job for (job,) in query(db, "SELECT DISTINCT job_id FROM history")}
+        assert left == {waiting.id, leased.id, dead.id}  # every acked job went
+        assert checked >= 1
+
+
 # -- payloads and limits -----------------------------------------------------------------------
 
 

@@ -90,9 +90,10 @@ Synchronous = Literal["FULL", "NORMAL"]
 #: nothing would take it back while this process runs, so recovery releases it.
 _OPEN_OWNERS: set[str] = set()
 
-#: At most this many history rows are deleted by one pass of the pruning, so that a
-#: pass never holds the write lock long; passes come with each lease recovery.
-PRUNE_STEP = 20_000
+#: The rows of at most this many jobs (three each, mostly) are deleted by one pass
+#: of the pruning, so that a pass never holds the write lock long; passes come with
+#: each lease recovery.
+PRUNE_JOBS = 7_000
 
 
 class SQLiteQueue:
@@ -449,7 +450,7 @@ class SQLiteQueue:
 
     async def prune_history(self) -> int:
         """Delete what the history keeps beyond *keep_history* and *max_history* now
-        (at most a few thousand rows a call); return how many rows went.
+        (the rows of at most a few thousand jobs a call); return how many rows went.
 
         Claiming does this by itself with each lease recovery.
         """
@@ -767,8 +768,8 @@ class SQLiteQueue:
         return len(ids)
 
     def _prune_on(self, connection: sqlite3.Connection) -> int:
-        """Delete up to PRUNE_STEP of the oldest history rows beyond the bounds, whole
-        jobs only, and only of jobs that left the queue."""
+        """Delete the history rows beyond the bounds of up to PRUNE_JOBS jobs, oldest
+        first, whole jobs only, and only of jobs that left the queue."""
         first, last = connection.execute("SELECT min(seq), max(seq) FROM history").fetchone()
         if first is None:
             return 0
@@ -781,15 +782,21 @@ class SQLiteQueue:
             )
         if end <= first:
             return 0
+        # The pass is bounded in jobs, chosen by their first row, and deletes every
+        # row of each: bounded in rows (ORDER BY seq LIMIT n), it would cut the jobs
+        # whose rows straddle the n-th, leaving a reader acks of jobs never enqueued.
+        # A job goes only if all of its rows are before the end.
         cursor = connection.execute(
-            "DELETE FROM history WHERE seq IN ("
-            " SELECT seq FROM history AS old WHERE seq < :end"
+            "DELETE FROM history WHERE job_id IN ("
+            " SELECT job_id FROM history AS old WHERE seq < :end"
+            " AND NOT EXISTS (SELECT 1 FROM history AS earlier"
+            "  WHERE earlier.job_id = old.job_id AND earlier.seq < old.seq)"
             " AND job_id NOT IN (SELECT id FROM jobs)"
             " AND job_id NOT IN (SELECT id FROM dead_letters)"
             " AND NOT EXISTS (SELECT 1 FROM history AS later"
             "  WHERE later.job_id = old.job_id AND later.seq >= :end)"
-            " ORDER BY seq LIMIT :step)",
-            {"end": end, "step": PRUNE_STEP},
+            " ORDER BY seq LIMIT :jobs)",
+            {"end": end, "jobs": PRUNE_JOBS},
         )
         return cursor.rowcount
 
