@@ -11,6 +11,7 @@ Every wait is bounded by a timeout only a hang reaches.
 from __future__ import annotations
 
 import collections
+import os
 import sqlite3
 import subprocess
 import sys
@@ -683,6 +684,28 @@ async def test_claim_many_with_a_huge_limit(db: Path) -> None:
         await queue.put_many(range(10))
         jobs = await queue.claim_many(1_000_000)
         assert [job.payload for job in jobs] == list(range(10))
+
+
+async def test_claiming_more_jobs_at_once_than_sqlite_takes_variables(db: Path) -> None:
+    """One claim of 2,000 jobs, and one recovery of 2,000 leases of a dead process,
+    on an SQLite that takes 999 variables a statement."""
+    async with OldSQLiteQueue(db) as queue:
+        await queue.put_many(range(2000))
+        jobs = await queue.claim_many(1_000_000)
+        assert [job.payload for job in jobs] == list(range(2000))
+    # Released by the close; now a process that no longer runs holds all of them.
+    connection = sqlite3.connect(db)
+    with connection:
+        connection.execute(
+            "UPDATE jobs SET state = 'leased', lease_pid = ?, lease_token = ?,"
+            " lease_owner = 'gone'",
+            (os.getpid(), "linux:an-earlier-boot:12345"),
+        )
+    connection.close()
+    async with OldSQLiteQueue(db, max_lost_leases=1) as queue:
+        assert await queue.statistics() == stats(dead=2000)
+        assert await queue.requeue_dead_letters() == 2000
+        assert len(await queue.claim_many(5000)) == 2000
 
 
 async def test_a_group_of_256_batch_claims_commits_once_and_shares_nothing(db: Path) -> None:

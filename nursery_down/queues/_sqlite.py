@@ -90,6 +90,10 @@ Synchronous = Literal["FULL", "NORMAL"]
 #: nothing would take it back while this process runs, so recovery releases it.
 _OPEN_OWNERS: set[str] = set()
 
+#: At most this many ids in one ``IN (...)`` list, within any SQLite's limit on
+#: variables a statement.
+_IDS_A_STATEMENT = 500
+
 #: The rows of at most this many jobs (three each, mostly) are deleted by one pass
 #: of the pruning, so that a pass never holds the write lock long; passes come with
 #: each lease recovery.
@@ -657,10 +661,14 @@ class SQLiteQueue:
             return []
         now = time.time()
         ids = [row[0] for row in rows]
+        # The rows read are every queued job up to the last id read (the oldest
+        # first, in this same transaction): one bound names them all, where a list
+        # of their ids would pass SQLite's limit on variables a statement (32,766,
+        # or 999 on older builds) for a large limit.
         connection.execute(
             "UPDATE jobs SET state = 'leased', lease_pid = ?, lease_token = ?,"
-            f" lease_owner = ?, leased_at = ? WHERE id IN ({','.join('?' * len(ids))})",
-            (self._pid, self._token, self._owner, now, *ids),
+            " lease_owner = ?, leased_at = ? WHERE state = 'queued' AND id <= ?",
+            (self._pid, self._token, self._owner, now, ids[-1]),
         )
         self._log(connection, ids, "claim", None, now)
         return [QueuedJob(job_id, json.loads(text), attempts) for job_id, text, attempts in rows]
@@ -804,12 +812,18 @@ class SQLiteQueue:
         self, connection: sqlite3.Connection, ids: list[int], pid: int, now: float
     ) -> None:
         """Dead-letter the jobs among *ids* whose processes died max_lost_leases times."""
-        marks = ",".join("?" * len(ids))
-        killers = connection.execute(
-            f"SELECT id, payload, attempts, lost_leases, enqueued_at FROM jobs"
-            f" WHERE id IN ({marks}) AND lost_leases >= ?",
-            (*ids, self.max_lost_leases),
-        ).fetchall()
+        killers: list[Any] = []
+        # A slice at a time: a process may have died holding more leases than SQLite
+        # takes variables in a statement (999 on older builds), and a recovery that
+        # failed on that would fail every open of the file.
+        for start in range(0, len(ids), _IDS_A_STATEMENT):
+            part = ids[start : start + _IDS_A_STATEMENT]
+            marks = ",".join("?" * len(part))
+            killers += connection.execute(
+                f"SELECT id, payload, attempts, lost_leases, enqueued_at FROM jobs"
+                f" WHERE id IN ({marks}) AND lost_leases >= ?",
+                (*part, self.max_lost_leases),
+            ).fetchall()
         for job_id, text, attempts, lost, enqueued_at in killers:
             error = f"its process died while running it, {lost} times (the last was pid {pid})"
             self._dead_letter(connection, job_id, text, attempts, error, enqueued_at, now)
