@@ -56,7 +56,8 @@ def worker_pool(
       ``workers + 1`` jobs are claimed at once (the producer holds the next one
       while every worker is busy). A source with ``claim_many`` (``SQLiteQueue``,
       ``PostgresQueue``) is asked for as many jobs at once as workers are idle, so
-      one transaction claims for all of them.
+      one transaction claims for all of them; while every worker is busy it waits
+      for one to be free, so at most ``workers`` jobs are claimed at once.
     - Each job runs as an in-flight job of the service, like a ``ctx.job()`` block:
       counted, shown on the dashboard, and shielded, so a drain lets it finish.
     - When a drain begins, the producer stops claiming at once and closes the
@@ -135,11 +136,27 @@ async def _run_pool(ctx: ServiceContext, source: JobSource, handler: Handler, wo
     watch_lease = _fast_path(source, "watch_lease")
     if watch_lease is not None:
         handler = _cancelled_on_lost_lease(handler, watch_lease)
+    freed = _Freed()
     async with receive, trio.open_nursery() as nursery:
         for _ in range(workers):
-            nursery.start_soon(_work, ctx, source, handler, receive, ack_nowait, name=name)
+            nursery.start_soon(_work, ctx, source, handler, receive, ack_nowait, freed, name=name)
         ctx.ready()
-        await _produce(ctx, source, send)
+        claim_many = _fast_path(source, "claim_many")
+        if claim_many is None:
+            await _produce(ctx, source, send)
+        else:
+            await _produce_batches(ctx, source, send, claim_many, freed)
+
+
+class _Freed:
+    """How the workers tell a batch-claiming producer that one of them is free."""
+
+    __slots__ = ("wanted",)
+
+    def __init__(self) -> None:
+        #: Set by the producer while every worker is busy; the first worker to
+        #: finish its job sets it.
+        self.wanted: trio.Event | None = None
 
 
 async def _produce(
@@ -147,10 +164,6 @@ async def _produce(
 ) -> None:
     # Closing the send side is the workers' signal to stop: it happens here, on
     # the producer side, the moment the drain cancels the producer.
-    claim_many = _fast_path(source, "claim_many")
-    if claim_many is not None:
-        await _produce_batches(ctx, source, send, claim_many)
-        return
     claim_nowait = _fast_path(source, "claim_nowait")
     drain = ctx._drain
     async with send, trio.open_nursery() as nursery:
@@ -182,6 +195,7 @@ async def _produce_batches(
     source: JobSource,
     send: trio.MemorySendChannel[QueuedJob],
     claim_many: Callable[[int], Awaitable[list[QueuedJob]]],
+    freed: _Freed,
 ) -> None:
     """The producer for sources with ``claim_many``: one claim for every idle worker."""
     drain = ctx._drain
@@ -193,11 +207,17 @@ async def _produce_batches(
         await trio.lowlevel.checkpoint()
         await trio.lowlevel.checkpoint()
         while not drain.draining:
-            # The workers waiting on the channel take the jobs at once; with none
-            # waiting, one job is claimed and held until a worker is free, as claim()
-            # would be.
             idle = send.statistics().tasks_waiting_receive
-            jobs = await claim_many(max(1, idle))
+            if not idle:
+                # Every worker is busy: claim once one is free, for all free by then.
+                # (Claiming one ahead instead would cost a claim and, later, an ack
+                # of their own for that job: a round trip each on a database.)
+                freed.wanted = wanted = trio.Event()
+                await wanted.wait()
+                freed.wanted = None
+                continue
+            # The workers waiting on the channel take the jobs at once.
+            jobs = await claim_many(idle)
             if not jobs:  # the source is closed and exhausted
                 break
             for sent, job in enumerate(jobs):
@@ -233,6 +253,7 @@ async def _work(
     handler: Handler,
     receive: trio.MemoryReceiveChannel[QueuedJob],
     ack_nowait: Callable[[QueuedJob], None] | None,
+    freed: _Freed,
 ) -> None:
     counters = ctx._counters
     in_flight = counters.in_flight
@@ -306,6 +327,11 @@ async def _work(
                     await source.ack(queued)
                 else:
                     await _settle_after_deadline(scope, source.ack, queued)
+            # Settled, and back to the channel without a checkpoint between: a
+            # producer woken here finds this worker waiting for its next job.
+            wanted = freed.wanted
+            if wanted is not None:
+                wanted.set()
 
 
 async def _settle_after_deadline(

@@ -341,16 +341,40 @@ async def test_a_batch_claiming_source_is_asked_for_one_job_per_idle_worker(
     sup.add(nd.worker_pool(queue, sleeper(1, log), workers=4), name="pool", restart="transient")
     async with nd.open_supervisor(sup) as running:
         await trio.sleep(0.5)
-        # One claim for the four idle workers, then one job held for the next free one.
-        assert queue.batches == [(4, 4), (1, 1)]
-        assert queue.statistics() == stats(queued=15, leased=5)
+        # One claim for the four idle workers; none held ahead while all are busy.
+        assert queue.batches == [(4, 4)]
+        assert queue.statistics() == stats(queued=16, leased=4)
         await running.wait_finished()
     assert sorted(events(log, "done")) == list(range(1, 21))
     assert queue.statistics() == stats(done=20)
-    # Never more asked for than the workers free at that moment (or the one held).
-    assert all(1 <= size <= limit <= 4 for limit, size in queue.batches)
-    assert sum(size for _, size in queue.batches) == 20
+    # The four finish together each second, and one claim takes the next four.
+    assert queue.batches == [(4, 4)] * 5
     assert trio.current_time() == pytest.approx(5)  # 20 one-second jobs on 4 workers
+
+
+async def test_a_batch_claiming_pool_claims_for_each_worker_as_it_becomes_free(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    queue = BatchQueue()
+    queue.put_many_nowait(range(1, 11))
+    queue.close()
+    durations = iter([1, 2, 3] + [1] * 7)
+
+    async def handler(job: QueuedJob) -> None:
+        await trio.sleep(next(durations))
+
+    sup = nd.Supervisor("app")
+    sup.add(nd.worker_pool(queue, handler, workers=3), name="pool", restart="transient")
+    async with nd.open_supervisor(sup) as running:
+        most = 0
+        while sup.state_of("pool") is not nd.ServiceState.STOPPED:
+            most = max(most, queue.statistics().leased)
+            await trio.sleep(0.25)
+        await running.wait_finished()
+    assert most == 3  # never a job claimed ahead of a free worker
+    assert queue.statistics() == stats(done=10)
+    assert queue.batches[0] == (3, 3)
+    assert all(size == limit for limit, size in queue.batches[:-1])
 
 
 async def test_a_batch_claimed_as_the_drain_begins_goes_back_unstarted(
