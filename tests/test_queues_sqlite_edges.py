@@ -735,6 +735,26 @@ async def test_a_group_of_256_batch_claims_commits_once_and_shares_nothing(db: P
 # -- rows changed by hand, errors the database cannot store ------------------------------------
 
 
+async def test_a_payload_edited_into_invalid_json_is_dead_lettered_not_stuck(db: Path) -> None:
+    """A row whose payload no longer decodes would fail every claim that reaches it,
+    and hold up every job behind it: it goes to the dead letters, with its text."""
+    async with SQLiteQueue(db, poll_interval=NEVER) as queue:
+        await queue.put_many(["a", "b", "c", "d"])
+        deep = "[" * 100_000 + "]" * 100_000
+        with sqlite3.connect(db) as connection:
+            connection.execute("UPDATE jobs SET payload = '{not json' WHERE id = 2")
+            connection.execute("UPDATE jobs SET payload = ? WHERE id = 3", (deep,))
+        connection.close()
+        assert (await claim(queue)).payload == "a"
+        assert (await claim(queue)).payload == "d"  # 2 and 3 went aside on the way
+        assert await queue.statistics() == stats(leased=2, dead=2)
+        dead = await queue.dead_letters()
+        assert [(job.id, job.payload) for job in dead] == [(2, "{not json"), (3, deep)]
+        assert all("not valid JSON" in job.error for job in dead)
+        assert await queue.purge_dead_letters() == 2
+    assert_history_whole(db)
+
+
 async def test_a_group_that_cannot_get_the_write_lock_fails_at_once(db: Path) -> None:
     """31 puts wait for a lock another process holds: each hears of it after one
     busy timeout, not after one busy timeout per put waiting with it."""

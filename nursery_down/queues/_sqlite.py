@@ -164,6 +164,8 @@ class SQLiteQueue:
 
     Payloads are stored as JSON: dicts, lists, strings, numbers, booleans and
     ``None`` (tuples come back as lists). Anything else raises :class:`PayloadError`.
+    A job whose stored payload no longer reads as JSON (the file was changed by
+    hand) goes to the dead letters, its text kept, when a claim reaches it.
     """
 
     def __init__(
@@ -653,14 +655,30 @@ class SQLiteQueue:
         if recover:
             self._recover_on(connection)
             self._prune_on(connection)
-        rows = connection.execute(
-            "SELECT id, payload, attempts FROM jobs WHERE state = 'queued' ORDER BY id LIMIT ?",
-            (limit,),
-        ).fetchall()
-        if not rows:
-            return []
-        now = time.time()
-        ids = [row[0] for row in rows]
+        while True:
+            rows = connection.execute(
+                "SELECT id, payload, attempts, enqueued_at FROM jobs WHERE state = 'queued'"
+                " ORDER BY id LIMIT ?",
+                (limit,),
+            ).fetchall()
+            if not rows:
+                return []
+            now = time.time()
+            jobs = []
+            for job_id, text, attempts, enqueued_at in rows:
+                try:
+                    payload = json.loads(text)
+                except (TypeError, ValueError, RecursionError) as exc:
+                    # Changed outside nursery_down: it would fail every claim that
+                    # reaches it, and hold up every job behind it. It goes to the dead
+                    # letters, its text kept, and the claim goes on with the others.
+                    error = _undecodable(exc)
+                    self._dead_letter(connection, job_id, text, attempts, error, enqueued_at, now)
+                    continue
+                jobs.append(QueuedJob(job_id, payload, attempts))
+            if jobs:
+                break
+        ids = [job.id for job in jobs]
         # The rows read are every queued job up to the last id read (the oldest
         # first, in this same transaction): one bound names them all, where a list
         # of their ids would pass SQLite's limit on variables a statement (32,766,
@@ -671,7 +689,7 @@ class SQLiteQueue:
             (self._pid, self._token, self._owner, now, ids[-1]),
         )
         self._log(connection, ids, "claim", None, now)
-        return [QueuedJob(job_id, json.loads(text), attempts) for job_id, text, attempts in rows]
+        return jobs
 
     def _ack_sync(self, connection: sqlite3.Connection, job_id: int) -> None:
         cursor = connection.execute(
@@ -888,9 +906,27 @@ def _dead_letters(connection: sqlite3.Connection) -> list[DeadJob]:
         "SELECT id, payload, attempts, error, died_at FROM dead_letters ORDER BY died_at, id"
     ).fetchall()
     return [
-        DeadJob(job_id, json.loads(text), attempts, error, died_at)
+        DeadJob(job_id, _decoded_or_stored(text), attempts, error, died_at)
         for job_id, text, attempts, error, died_at in rows
     ]
+
+
+def _decoded_or_stored(text: Any) -> Any:
+    """A dead letter's payload: decoded, or as stored when it is not valid JSON (it was
+    changed outside nursery_down, and dead-lettered for that)."""
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError, RecursionError):
+        return text
+
+
+def _undecodable(exc: BaseException) -> str:
+    reason = "nested too deeply to decode" if isinstance(exc, RecursionError) else str(exc)
+    return (
+        f"its payload is not valid JSON ({reason}), so it cannot be handed out; it was "
+        "changed outside nursery_down: correct it in the dead_letters table and requeue "
+        "it, or purge it"
+    )
 
 
 def _chosen_dead(connection: sqlite3.Connection, ids: list[int] | None) -> list[Any]:
