@@ -29,6 +29,7 @@ import trio.testing
 import nursery_down as nd
 from nursery_down.queues import (
     NotLeasedError,
+    PayloadError,
     QueueCorruptError,
     QueuedJob,
     QueueError,
@@ -679,6 +680,72 @@ def nested(depth: int) -> list[Any]:
     return value
 
 
+async def test_payloads_at_the_edges_round_trip_through_claim_many(db: Path) -> None:
+    payloads: list[Any] = [
+        "x" * 16_000_000,  # 16 MB
+        nested(400),
+        {"text": "héllo 🎉", "zero": "a\x00b", "big": 2**62, "float": 1e308},
+        # Lone surrogates: what os.listdir() gives for a file name that is not UTF-8.
+        "report-\udcff.csv",
+        {"name\udce9": ["\ud800"]},
+        [],
+        None,
+    ]
+    async with SQLiteQueue(db) as queue:
+        ids = await queue.put_many(payloads)
+        jobs = await queue.claim_many(1_000_000)
+        assert [job.id for job in jobs] == ids
+        assert [job.payload for job in jobs] == payloads
+        for job in jobs:
+            await queue.ack(job)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [float("nan"), {"x": float("inf")}, [-float("inf")], nested(100_000), {"a": {1, 2}}],
+    ids=["nan", "inf", "-inf", "nested too deep", "set"],
+)
+async def test_payloads_json_cannot_hold_are_refused_with_payload_error(
+    db: Path, payload: Any
+) -> None:
+    async with SQLiteQueue(db) as queue:
+        with pytest.raises(PayloadError, match="cannot store a payload"):
+            await queue.put(payload)
+        with pytest.raises(PayloadError):
+            await queue.put_many(["fine", payload])
+        assert await queue.statistics() == stats()
+
+
+class SmallSQLiteQueue(SQLiteQueue):
+    """An SQLiteQueue whose SQLite stores at most 1 MB a value (1 GB by default)."""
+
+    def _connect(self) -> sqlite3.Connection:
+        connection = super()._connect()
+        connection.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 1_000_000)
+        return connection
+
+
+async def test_a_payload_over_sqlites_length_limit_is_refused_and_only_it(db: Path) -> None:
+    async with SmallSQLiteQueue(db) as queue:
+        await queue.put("small")
+        job = await claim(queue)
+        errors: list[BaseException] = []
+
+        async def put_big() -> None:
+            try:
+                await queue.put("x" * 2_000_000)
+            except PayloadError as exc:
+                errors.append(exc)
+
+        async with trio.open_nursery() as nursery:  # handed to the writer together
+            nursery.start_soon(put_big)
+            nursery.start_soon(queue.ack, job)
+            nursery.start_soon(queue.put, "fine")
+        assert len(errors) == 1
+        assert "keep large data elsewhere" in str(errors[0])
+        assert await queue.statistics() == stats(queued=1, done=1)
+
+
 async def test_claim_many_with_a_huge_limit(db: Path) -> None:
     async with SQLiteQueue(db) as queue:
         await queue.put_many(range(10))
@@ -752,6 +819,21 @@ async def test_a_payload_edited_into_invalid_json_is_dead_lettered_not_stuck(db:
         assert [(job.id, job.payload) for job in dead] == [(2, "{not json"), (3, deep)]
         assert all("not valid JSON" in job.error for job in dead)
         assert await queue.purge_dead_letters() == 2
+    assert_history_whole(db)
+
+
+async def test_an_error_message_no_utf8_can_hold_still_fails_the_job(db: Path) -> None:
+    # A file name that is not UTF-8 reaches Python as lone surrogates, and so the
+    # message of the error that names it.
+    name = b"/data/\xff.csv".decode(errors="surrogateescape")
+    async with SQLiteQueue(db, max_attempts=2) as queue:
+        await queue.put("x")
+        await queue.fail(await claim(queue), FileNotFoundError(2, "No such file", name))
+        assert await queue.statistics() == stats(queued=1)
+        await queue.fail(await claim(queue), f"cannot read {name}")
+        assert await queue.statistics() == stats(dead=1)
+        (dead,) = await queue.dead_letters()
+        assert dead.error == "cannot read /data/\\udcff.csv"
     assert_history_whole(db)
 
 

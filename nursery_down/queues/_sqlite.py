@@ -413,7 +413,10 @@ class SQLiteQueue:
 
     async def fail(self, job: QueuedJob, error: BaseException | str) -> None:
         """Count a failed attempt: requeue the job, or dead-letter it after ``max_attempts``."""
-        await self._settle(self._fail_sync, job, "fail", describe_error(error))
+        # An error's message may hold lone surrogates (a file name that is not UTF-8):
+        # stored as it is, it would fail the write and leave the job leased.
+        error_text = storable_text(describe_error(error))
+        await self._settle(self._fail_sync, job, "fail", error_text)
         self._wake()
 
     # -- reading ------------------------------------------------------------------------
@@ -1004,13 +1007,41 @@ class _ReadTransaction(_WriteTransaction):
 def encode_payload(payload: Any) -> str:
     """The JSON text stored for *payload*, or :class:`PayloadError` saying why not."""
     try:
-        return json.dumps(payload, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+        text = json.dumps(payload, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
     except (TypeError, ValueError) as exc:
         raise PayloadError(
             f"cannot store a payload of type {type(payload).__name__}: {exc}; an SQLiteQueue "
             "stores JSON (dict, list, str, int, float, bool, None), so convert it first, "
             "e.g. dataclasses.asdict(obj) or str(value)"
         ) from None
+    except RecursionError:
+        # A refusal like the others, not a RecursionError no caller would expect.
+        raise PayloadError(
+            f"cannot store a payload of type {type(payload).__name__}: it is nested too "
+            "deeply to encode as JSON; flatten it first"
+        ) from None
+    if not text.isascii() and not _utf8(text):
+        # A lone surrogate (a file name that is not UTF-8, as os.listdir() gives it)
+        # has no UTF-8 form, and SQLite stores UTF-8: the write would fail in the
+        # writer thread. Escaped as JSON \u sequences, it reads back the same.
+        text = json.dumps(payload, allow_nan=False, ensure_ascii=True, separators=(",", ":"))
+    return text
+
+
+def storable_text(text: str) -> str:
+    """*text*, with any lone surrogate written as a backslash escape (SQLite stores
+    UTF-8, which has no form for one)."""
+    if text.isascii() or _utf8(text):
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def translate_error(exc: sqlite3.Error, path: str, busy_timeout: float) -> QueueError:
@@ -1021,6 +1052,12 @@ def translate_error(exc: sqlite3.Error, path: str, busy_timeout: float) -> Queue
             f"queue file {path!r} stayed locked by another process for {busy_timeout:g} s "
             f"({exc}); find it with `fuser {path}` and end its transaction, or pass a "
             "longer busy_timeout="
+        )
+    if name.startswith("SQLITE_TOOBIG"):
+        return PayloadError(
+            f"cannot store a value this large in queue file {path!r} ({exc}): SQLite "
+            "limits a payload's JSON (or an error message) to 1 GB by default; keep large "
+            "data elsewhere and put a reference to it in the job"
         )
     if name.startswith(("SQLITE_NOTADB", "SQLITE_CORRUPT")):
         return QueueCorruptError(
