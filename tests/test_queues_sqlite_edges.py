@@ -576,6 +576,96 @@ async def test_two_processes_with_two_objects_each_hammering_one_file(db: Path) 
     assert_history_whole(db)
 
 
+NAMESPACED_HOLDER = textwrap.dedent(
+    """
+    import os, sys, trio
+    from nursery_down.queues import SQLiteQueue
+
+    async def main():
+        queue = SQLiteQueue(sys.argv[1])
+        job = await queue.claim()
+        print(os.getpid(), job.id, flush=True)
+        await trio.to_thread.run_sync(sys.stdin.readline)
+        os._exit(0)  # dead, holding its lease
+
+    trio.run(main)
+    """
+)
+
+
+def can_unshare() -> bool:
+    try:
+        subprocess.run(
+            ["unshare", "--pid", "--fork", "--mount-proc", "true"],
+            check=True,
+            capture_output=True,
+            timeout=PATIENCE,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return True
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not can_unshare(),
+    reason="needs a PID namespace of its own (unshare --pid, as root)",
+)
+async def test_a_lease_held_from_another_pid_namespace_is_taken_back_only_once_it_died(
+    db: Path,
+) -> None:
+    """Two containers of one host sharing the file: each sees the other's pids as
+    nothing, or as another process."""
+    async with SQLiteQueue(db) as queue:
+        await queue.put_many(["a", "b"])
+    unshare = ["unshare", "--pid", "--fork", "--mount-proc"]
+    holder = subprocess.Popen(
+        [*unshare, sys.executable, "-c", NAMESPACED_HOLDER, str(db)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdin is not None
+        with trio.fail_after(PATIENCE):
+            line = await trio.to_thread.run_sync(holder.stdout.readline)
+        pid, job_id = map(int, line.split())
+        assert pid == 1  # its pid in its namespace: here, another process's
+        async with SQLiteQueue(db) as queue:  # opening recovers dead processes' leases
+            assert await queue.recover() == 0
+            assert await queue.statistics() == stats(queued=1, leased=1)
+            holder.stdin.close()  # it dies, its lease still held
+            with trio.fail_after(PATIENCE):
+                await trio.to_thread.run_sync(holder.wait)
+            assert await queue.recover() == 1
+            assert (await claim(queue)).id == job_id
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+        for stream in (holder.stdin, holder.stdout):
+            if stream is not None:
+                stream.close()
+    assert query(db, "SELECT job_id, event FROM history WHERE event = 'recover'") == [
+        (job_id, "recover")
+    ]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+async def test_a_lease_token_keeps_the_form_earlier_versions_compare(db: Path) -> None:
+    """A process of an earlier version sharing the file (the previous generation,
+    during a deploy) tells a live lease by comparing its token whole with the one it
+    makes of the holder's pid: the token keeps that form."""
+    async with SQLiteQueue(db) as queue:
+        await queue.put("x")
+        await claim(queue)
+        [(pid, token)] = query(db, "SELECT lease_pid, lease_token FROM jobs")
+    assert pid == os.getpid()
+    boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    start = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    assert token == f"linux:{boot}:{start}"
+
+
 # -- a worker pool through a drain -------------------------------------------------------------
 
 

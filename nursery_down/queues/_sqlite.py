@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import math
 import os
 import sqlite3
+import struct
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -29,6 +32,9 @@ from .._exceptions import (
 from .._validate import is_count, require_seconds
 from ._source import DeadJob, QueuedJob, QueueStatistics, describe_error
 from ._writer import GroupWriter
+
+if sys.platform.startswith("linux"):
+    import fcntl
 
 T = TypeVar("T")
 
@@ -115,7 +121,10 @@ class SQLiteQueue:
     process that no longer runs go back to the queue. So a SIGKILL at any instant
     loses nothing: delivery is at-least-once, and the only jobs run twice are those
     in flight at the kill. Several processes may share one file; a live process's
-    leases are never taken back.
+    leases are never taken back. Processes in other PID namespaces (containers of
+    one host sharing the file) cannot see each other's pids: each holds a lock on a
+    file next to the queue's, ``<path>-holders``, for as long as it runs, and its
+    leases are taken back once it no longer holds it.
 
     **Attempts.** ``fail()`` counts an attempt; after *max_attempts* the job moves
     to the ``dead_letters`` table. ``release()`` and the recovery of a dead
@@ -219,7 +228,7 @@ class SQLiteQueue:
         # Who holds a lease: this process (pid + start token) and this object.
         self._pid = 0
         self._token = ""
-        self._owner = uuid.uuid4().hex
+        self._owner = _new_owner()
         # The job handed out by each lease this object holds, by id: a job is
         # settled through the very QueuedJob its claim returned, so a handle from an
         # earlier claim of the same id (before a close, or before a failed attempt)
@@ -257,7 +266,7 @@ class SQLiteQueue:
                         "this SQLiteQueue was closed; open it again with open() or 'async with'"
                     )
                 # A new owner: a lease taken before the close is fenced off for good.
-                self._owner = uuid.uuid4().hex
+                self._owner = _new_owner()
                 self._claims.clear()
                 self._closed = False
             self._pid = os.getpid()
@@ -563,6 +572,9 @@ class SQLiteQueue:
         connection = self._connect()
         try:
             self._prepare(connection)
+            # Before any lease, once the file is known to be a queue's: processes of
+            # other PID namespaces see this one run.
+            hold_presence(self.path, self._token)
         except BaseException:
             connection.close()
             raise
@@ -748,30 +760,48 @@ class SQLiteQueue:
         return len(rows)
 
     def _recover_on(self, connection: sqlite3.Connection) -> int:
+        # A lease's holder is a process run (pid and token) and one queue object of it
+        # (owner), whose name ends with the process's PID namespace.
         holders = connection.execute(
-            "SELECT DISTINCT lease_pid, lease_token FROM jobs WHERE state = 'leased'"
+            "SELECT DISTINCT lease_pid, lease_token, lease_owner FROM jobs WHERE state = 'leased'"
         ).fetchall()
-        recovered = 0
-        for pid, token in holders:
-            if (pid, token) == (self._pid, self._token):
-                recovered += self._release_closed_owners(connection)
+        here = _pid_namespace()
+        closed: list[str] = []
+        gone: dict[tuple[int, str], list[str]] = {}
+        for pid, token, owner in holders:
+            namespace = _owner_namespace(owner)
+            if namespace is not None and namespace != here:
+                # Another PID namespace (another container sharing the file): its pid
+                # names nothing here, or another process, and a pid check would take
+                # back its live leases again and again. Its presence lock tells.
+                if _present(self.path, token, namespace):
+                    continue
+            elif (pid, token) == (self._pid, self._token):
+                if owner not in _OPEN_OWNERS:
+                    closed.append(owner)
                 continue
-            if process_alive(pid, token):
+            elif process_alive(pid, token):
                 continue
+            gone.setdefault((pid, token), []).append(owner)
+        recovered = self._release_closed(connection, closed)
+        for (pid, token), owners in gone.items():
             now = time.time()
-            ids = [
-                row[0]
-                for row in connection.execute(
-                    "SELECT id FROM jobs WHERE state = 'leased' AND lease_pid = ?"
-                    " AND lease_token IS ?",
-                    (pid, token),
-                )
-            ]
-            connection.execute(
+            ids: list[int] = []
+            for owner in owners:
+                ids += [
+                    row[0]
+                    for row in connection.execute(
+                        "SELECT id FROM jobs WHERE state = 'leased' AND lease_pid IS ?"
+                        " AND lease_token IS ? AND lease_owner IS ?",
+                        (pid, token, owner),
+                    )
+                ]
+            connection.executemany(
                 "UPDATE jobs SET state = 'queued', lost_leases = lost_leases + 1,"
                 " lease_pid = NULL, lease_token = NULL, lease_owner = NULL, leased_at = NULL"
-                " WHERE state = 'leased' AND lease_pid = ? AND lease_token IS ?",
-                (pid, token),
+                " WHERE state = 'leased' AND lease_pid IS ? AND lease_token IS ?"
+                " AND lease_owner IS ?",
+                [(pid, token, owner) for owner in owners],
             )
             self._log(connection, ids, "recover", f"lease of pid {pid}, which no longer runs", now)
             if ids and self.max_lost_leases is not None:
@@ -779,20 +809,26 @@ class SQLiteQueue:
             recovered += len(ids)
         return recovered
 
-    def _release_closed_owners(self, connection: sqlite3.Connection) -> int:
-        """Release the leases of this process's queues that were closed without
-        releasing them (see _OPEN_OWNERS)."""
-        rows = connection.execute(
-            "SELECT id, lease_owner FROM jobs WHERE state = 'leased' AND lease_pid = ?"
-            " AND lease_token IS ?",
-            (self._pid, self._token),
-        ).fetchall()
-        ids = [job_id for job_id, owner in rows if owner not in _OPEN_OWNERS]
-        connection.executemany(
-            "UPDATE jobs SET state = 'queued', lease_pid = NULL, lease_token = NULL,"
-            " lease_owner = NULL, leased_at = NULL WHERE id = ?",
-            [(job_id,) for job_id in ids],
-        )
+    def _release_closed(self, connection: sqlite3.Connection, owners: list[str]) -> int:
+        """Release the leases of *owners*, queues of this process that were closed
+        without releasing them (see _OPEN_OWNERS)."""
+        ids: list[int] = []
+        for owner in owners:
+            ids += [
+                row[0]
+                for row in connection.execute(
+                    "SELECT id FROM jobs WHERE state = 'leased' AND lease_pid = ?"
+                    " AND lease_token IS ? AND lease_owner IS ?",
+                    (self._pid, self._token, owner),
+                )
+            ]
+            connection.execute(
+                "UPDATE jobs SET state = 'queued', lease_pid = NULL, lease_token = NULL,"
+                " lease_owner = NULL, leased_at = NULL"
+                " WHERE state = 'leased' AND lease_pid = ? AND lease_token IS ?"
+                " AND lease_owner IS ?",
+                (self._pid, self._token, owner),
+            )
         self._log(connection, ids, "release", "queue closed")
         return len(ids)
 
@@ -1108,6 +1144,35 @@ def _linux_start_time(pid: int) -> str | None:
     return fields[19].decode()
 
 
+@functools.cache
+def _pid_namespace() -> str:
+    """This process's PID namespace (an inode number), "" if it cannot be told."""
+    if not sys.platform.startswith("linux"):
+        return ""
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return ""
+
+
+def _new_owner() -> str:
+    """A new lease owner name: unique, and ending with this process's PID namespace.
+
+    The namespace goes with the owner rather than the token, whose form earlier
+    versions compare whole: a process of one of them sharing the file (the previous
+    generation, during a deploy) would take every lease of this one for orphaned.
+    """
+    namespace = _pid_namespace()
+    return f"{uuid.uuid4().hex}@{namespace}" if namespace else uuid.uuid4().hex
+
+
+def _owner_namespace(owner: str | None) -> str | None:
+    """The PID namespace an owner name ends with; None if it carries none."""
+    if owner is None or "@" not in owner:
+        return None
+    return owner.rpartition("@")[2]
+
+
 def process_token(pid: int) -> str | None:
     """A token naming one run of process *pid*, or None if it is not running.
 
@@ -1121,12 +1186,75 @@ def process_token(pid: int) -> str | None:
 
 
 def process_alive(pid: int | None, token: str | None) -> bool:
-    """True if the process run named by *pid* and *token* is still running."""
+    """True if the process run named by *pid* and *token* is still running (a
+    process of this PID namespace)."""
     if pid is None or token is None:
         return False
     if token.startswith("linux:"):
         return process_token(pid) == token
     return _pid_exists(pid)
+
+
+# A process that may hold leases holds a shared lock on one byte of a file next to
+# the queue's, ``<path>-holders``, at an offset its token and namespace name, from
+# its first open of the queue until it ends (the kernel drops the lock then, however
+# it ended). Locks are seen across PID namespaces, pids are not. They are open file
+# description locks: another descriptor of the file, opened and closed to look,
+# leaves them alone.
+
+_PRESENCE: dict[tuple[str, str], int] = {}
+_PRESENCE_LOCK = threading.Lock()
+_FLOCK = "hhqqi"  # struct flock: type, whence, start, length, pid
+
+
+def _presence_offset(name: str) -> int:
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=5).digest(), "big")
+
+
+def hold_presence(path: str, token: str) -> None:
+    """Take, once per process and file, the presence lock that tells processes of
+    other PID namespaces that this one (*token*) runs. Where it cannot be taken (a
+    folder that cannot be written), they take this process to run."""
+    namespace = _pid_namespace()
+    if not sys.platform.startswith("linux") or not namespace:
+        return
+    holders = os.path.realpath(path) + "-holders"
+    name = f"{token}@{namespace}"
+    with _PRESENCE_LOCK:
+        if (holders, name) in _PRESENCE:
+            return
+        try:
+            fd = os.open(holders, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        except OSError:
+            return
+        lock = struct.pack(_FLOCK, fcntl.F_RDLCK, os.SEEK_SET, _presence_offset(name), 1, 0)
+        try:
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, lock)
+        except OSError:
+            os.close(fd)
+            return
+        _PRESENCE[holders, name] = fd  # never closed: the lock lasts as long as we do
+
+
+def _present(path: str, token: str | None, namespace: str) -> bool:
+    """Whether the process run named by *token* in PID namespace *namespace* holds
+    its presence lock for the queue file *path*."""
+    if not sys.platform.startswith("linux"):
+        return True
+    try:
+        fd = os.open(os.path.realpath(path) + "-holders", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return True  # it could not take one either: never take its leases
+    try:
+        offset = _presence_offset(f"{token}@{namespace}")
+        query = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0)
+        answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, query)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    kind: int = struct.unpack(_FLOCK, answer)[0]
+    return kind != fcntl.F_UNLCK
 
 
 def _pid_exists(pid: int) -> bool:
