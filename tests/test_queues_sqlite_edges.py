@@ -11,6 +11,7 @@ Every wait is bounded by a timeout only a hang reaches.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import sqlite3
 import subprocess
@@ -649,6 +650,32 @@ async def test_a_lease_held_from_another_pid_namespace_is_taken_back_only_once_i
     assert query(db, "SELECT job_id, event FROM history WHERE event = 'recover'") == [
         (job_id, "recover")
     ]
+
+
+def presence_locks(path: Path) -> int:
+    """Descriptors of this process open on the queue file's presence lock file."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/self/fd/{fd}") == f"{os.path.realpath(path)}-holders"
+    return count
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+async def test_the_presence_lock_is_held_while_a_queue_of_the_process_is_open(
+    db: Path,
+) -> None:
+    first, second = SQLiteQueue(db), SQLiteQueue(db)
+    await first.open()
+    await second.open()
+    assert presence_locks(db) == 1  # one for the process
+    await first.aclose()
+    assert presence_locks(db) == 1  # the second still holds leases
+    await second.aclose()
+    assert presence_locks(db) == 0  # none kept for a file no queue has open
+    async with second:
+        assert presence_locks(db) == 1
+    assert presence_locks(db) == 0
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")

@@ -284,7 +284,7 @@ class SQLiteQueue:
                     self._reader = await self._in_reader_thread(self._connect)
                 except BaseException:
                     with trio.CancelScope(shield=True):
-                        await writer.stop(_leave)
+                        await writer.stop(self._leave_sync)
                     raise
             except BaseException:
                 _OPEN_OWNERS.discard(self._owner)
@@ -628,7 +628,19 @@ class SQLiteQueue:
         with _WriteTransaction(connection):
             self._recover_on(connection)
 
+    def _leave_sync(self, connection: sqlite3.Connection) -> None:
+        """The writer's last act when nothing is to be released."""
+        drop_presence(self.path, self._token)
+
     def _close_sync(self, connection: sqlite3.Connection) -> None:
+        try:
+            self._release_all_sync(connection)
+        finally:
+            # Even when the releases could not be written: the leases left are
+            # fenced off, and this process's own recovery takes them back.
+            drop_presence(self.path, self._token)
+
+    def _release_all_sync(self, connection: sqlite3.Connection) -> None:
         with _WriteTransaction(connection):
             ids = [
                 row[0]
@@ -922,10 +934,6 @@ class SQLiteQueue:
 # -- what the connections do, outside the queue object ----------------------------------------
 
 
-def _leave(connection: sqlite3.Connection) -> None:
-    """The writer's last act when nothing is to be released."""
-
-
 def _statistics(connection: sqlite3.Connection) -> QueueStatistics:
     # One read transaction, so the four numbers belong to the same instant.
     with _ReadTransaction(connection):
@@ -1202,7 +1210,8 @@ def process_alive(pid: int | None, token: str | None) -> bool:
 # description locks: another descriptor of the file, opened and closed to look,
 # leaves them alone.
 
-_PRESENCE: dict[tuple[str, str], int] = {}
+#: (holders file, token@namespace) -> [descriptor holding the lock, queues open on it]
+_PRESENCE: dict[tuple[str, str], list[int]] = {}
 _PRESENCE_LOCK = threading.Lock()
 _FLOCK = "hhqqi"  # struct flock: type, whence, start, length, pid
 
@@ -1211,17 +1220,25 @@ def _presence_offset(name: str) -> int:
     return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=5).digest(), "big")
 
 
-def hold_presence(path: str, token: str) -> None:
-    """Take, once per process and file, the presence lock that tells processes of
-    other PID namespaces that this one (*token*) runs. Where it cannot be taken (a
-    folder that cannot be written), they take this process to run."""
+def _presence_key(path: str, token: str) -> tuple[str, str] | None:
     namespace = _pid_namespace()
-    if not sys.platform.startswith("linux") or not namespace:
+    if not namespace:
+        return None
+    return os.path.realpath(path) + "-holders", f"{token}@{namespace}"
+
+
+def hold_presence(path: str, token: str) -> None:
+    """Take the presence lock that tells processes of other PID namespaces that this
+    one (*token*) runs, for one more queue open on the file *path*. Where it cannot
+    be taken (a folder that cannot be written), they take this process to run."""
+    key = _presence_key(path, token)
+    if not sys.platform.startswith("linux") or key is None:
         return
-    holders = os.path.realpath(path) + "-holders"
-    name = f"{token}@{namespace}"
+    holders, name = key
     with _PRESENCE_LOCK:
-        if (holders, name) in _PRESENCE:
+        held = _PRESENCE.get(key)
+        if held is not None:
+            held[1] += 1
             return
         try:
             fd = os.open(holders, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
@@ -1233,7 +1250,23 @@ def hold_presence(path: str, token: str) -> None:
         except OSError:
             os.close(fd)
             return
-        _PRESENCE[holders, name] = fd  # never closed: the lock lasts as long as we do
+        _PRESENCE[key] = [fd, 1]
+
+
+def drop_presence(path: str, token: str) -> None:
+    """One queue fewer open on *path*: with none left, the presence lock goes (a
+    process that opens and closes many queue files keeps no descriptor of each)."""
+    key = _presence_key(path, token)
+    if key is None:
+        return
+    with _PRESENCE_LOCK:
+        held = _PRESENCE.get(key)
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] == 0:
+            del _PRESENCE[key]
+            os.close(held[0])
 
 
 def _present(path: str, token: str | None, namespace: str) -> bool:
