@@ -543,7 +543,7 @@ HAMMER = textwrap.dedent(
 async def test_two_processes_with_two_objects_each_hammering_one_file(db: Path) -> None:
     """Puts, batch claims and acks from four objects in two processes at once: each
     job acked exactly once, no lock error, no live lease taken back."""
-    puts = 400
+    puts = 1500
     async with SQLiteQueue(db) as queue:
         await queue.put_many(range(300))
     processes = [
@@ -564,7 +564,7 @@ async def test_two_processes_with_two_objects_each_hammering_one_file(db: Path) 
             if process.poll() is None:
                 process.kill()
                 process.wait()
-    # Each process put 400 payloads, every tenth as a batch of three.
+    # Each process put 1,500 payloads, every tenth as a batch of three.
     total = 300 + 2 * (puts + puts // 10 * 2)
     enqueued = {job for (job,) in query(db, "SELECT job_id FROM history WHERE event='enqueue'")}
     assert len(enqueued) == total
@@ -870,6 +870,12 @@ async def test_claim_many_with_a_huge_limit(db: Path) -> None:
         assert [job.payload for job in jobs] == list(range(10))
 
 
+async def test_claim_many_with_a_limit_beyond_sqlites_integers(db: Path) -> None:
+    async with SQLiteQueue(db) as queue:
+        await queue.put_many(range(3))
+        assert [job.payload for job in await queue.claim_many(10**20)] == [0, 1, 2]
+
+
 async def test_claiming_more_jobs_at_once_than_sqlite_takes_variables(db: Path) -> None:
     """One claim of 2,000 jobs, and one recovery of 2,000 leases of a dead process,
     on an SQLite that takes 999 variables a statement."""
@@ -952,6 +958,21 @@ async def test_an_error_message_no_utf8_can_hold_still_fails_the_job(db: Path) -
         (dead,) = await queue.dead_letters()
         assert dead.error == "cannot read /data/\\udcff.csv"
     assert_history_whole(db)
+
+
+async def test_an_error_whose_message_cannot_be_read_still_fails_the_job(db: Path) -> None:
+    class UnreadableError(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("no message today")
+
+    async with SQLiteQueue(db, max_attempts=1) as queue:
+        await queue.put("x")
+        await queue.fail(await claim(queue), UnreadableError())
+        (dead,) = await queue.dead_letters()
+        assert dead.error == (
+            "UnreadableError (its message could not be read: RuntimeError('no message today'))"
+        )
+        assert await queue.statistics() == stats(dead=1)
 
 
 async def test_a_group_that_cannot_get_the_write_lock_fails_at_once(db: Path) -> None:

@@ -374,6 +374,9 @@ class SQLiteQueue:
         """
         if not is_count(limit):
             raise ConfigurationError(f"limit must be a whole number >= 1, got {limit!r}")
+        # SQLite's integers stop at 2**63 - 1: a larger limit would fail in the writer
+        # thread (OverflowError), rolling back the claims and puts it came with.
+        limit = min(limit, 2**62)
         if not self._closed:
             # Closed while it opened: no jobs, as below.
             with contextlib.suppress(trio.ClosedResourceError):
@@ -423,8 +426,13 @@ class SQLiteQueue:
     async def fail(self, job: QueuedJob, error: BaseException | str) -> None:
         """Count a failed attempt: requeue the job, or dead-letter it after ``max_attempts``."""
         # An error's message may hold lone surrogates (a file name that is not UTF-8):
-        # stored as it is, it would fail the write and leave the job leased.
-        error_text = storable_text(describe_error(error))
+        # stored as it is, it would fail the write and leave the job leased. And an
+        # exception whose message cannot be read must not leave it leased either.
+        try:
+            described = describe_error(error)
+        except Exception as exc:
+            described = f"{type(error).__name__} (its message could not be read: {exc!r})"
+        error_text = storable_text(described)
         await self._settle(self._fail_sync, job, "fail", error_text)
         self._wake()
 
