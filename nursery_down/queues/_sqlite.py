@@ -1129,7 +1129,7 @@ def translate_error(exc: sqlite3.Error, path: str, busy_timeout: float) -> Queue
         return QueueUnwritableError(
             f"cannot write queue file {path!r} ({exc}); check that the folder exists, that "
             "this user may write the file and the folder (SQLite adds -wal and -shm files "
-            "next to it), and that the disk has space"
+            "next to it, and the queue a -holders file), and that the disk has space"
         )
     return QueueError(f"queue file {path!r}: {exc}")
 

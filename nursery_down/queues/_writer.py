@@ -73,9 +73,10 @@ class GroupWriter:
     Operations follow one rule, so that a group never needs a savepoint per member:
     an operation that refuses its input raises one of *refusals* before it writes
     anything, and the rest of its group commits as if it had not been there. Any
-    other error (a full disk, a lock held too long, a bug) rolls back the whole
-    group, which then runs again one operation per transaction, so that each caller
-    gets the outcome of its own operation alone.
+    other error (a full disk, a bug) rolls back the whole group, which then runs
+    again one operation per transaction, so that each caller gets the outcome of its
+    own operation alone. A transaction that cannot begin (the lock held beyond the
+    busy timeout) ran nothing: every member gets that error at once.
 
     *translate* turns an :class:`sqlite3.Error` into the error a caller should see.
     """
