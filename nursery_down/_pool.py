@@ -201,17 +201,13 @@ async def _produce_batches(
     drain = ctx._drain
     async with send, trio.open_nursery() as nursery:
         nursery.start_soon(_cancel_on_drain, ctx, nursery.cancel_scope)
-        # The workers were started just before: let them reach the channel, so the
-        # first claim is for all of them. (Two steps: trio may run this task before
-        # them in the first.)
-        await trio.lowlevel.checkpoint()
-        await trio.lowlevel.checkpoint()
         while not drain.draining:
             idle = send.statistics().tasks_waiting_receive
             if not idle:
-                # Every worker is busy: claim once one is free, for all free by then.
-                # (Claiming one ahead instead would cost a claim and, later, an ack
-                # of their own for that job: a round trip each on a database.)
+                # Every worker is busy, or not yet at the channel (as at the start):
+                # claim once one is free, for all free by then. (Claiming one ahead
+                # instead would cost a claim and, later, an ack of their own for that
+                # job: a round trip each on a database.)
                 freed.wanted = wanted = trio.Event()
                 await wanted.wait()
                 freed.wanted = None
@@ -269,6 +265,7 @@ async def _work(
     # recalculates the cancel status on each change).
     with trio.CancelScope(shield=True) as scope:
         job = _WorkerJob(ctx, scope)
+        _tell_free(freed)  # at the channel for its first job
         async for queued in receive:
             if drain.draining:
                 # Handed over in the instant the drain began: not started, so it
@@ -327,11 +324,15 @@ async def _work(
                     await source.ack(queued)
                 else:
                     await _settle_after_deadline(scope, source.ack, queued)
-            # Settled, and back to the channel without a checkpoint between: a
-            # producer woken here finds this worker waiting for its next job.
-            wanted = freed.wanted
-            if wanted is not None:
-                wanted.set()
+            _tell_free(freed)
+
+
+def _tell_free(freed: _Freed) -> None:
+    """Wake a producer that waits for a free worker. The worker goes to the channel
+    without a checkpoint after this: the producer, when it runs, finds it waiting."""
+    wanted = freed.wanted
+    if wanted is not None:
+        wanted.set()
 
 
 async def _settle_after_deadline(

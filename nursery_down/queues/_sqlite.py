@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import math
 import os
 import sqlite3
-import struct
-import sys
-import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any, Literal, Self, TypeVar
@@ -30,11 +25,18 @@ from .._exceptions import (
     QueueUnwritableError,
 )
 from .._validate import is_count, require_seconds
+from ._holders import (
+    drop_presence,
+    hold_presence,
+    new_owner,
+    owner_namespace,
+    pid_namespace,
+    present,
+    process_alive,
+    process_token,
+)
 from ._source import DeadJob, QueuedJob, QueueStatistics, describe_error
 from ._writer import GroupWriter
-
-if sys.platform.startswith("linux"):
-    import fcntl
 
 T = TypeVar("T")
 
@@ -228,7 +230,7 @@ class SQLiteQueue:
         # Who holds a lease: this process (pid + start token) and this object.
         self._pid = 0
         self._token = ""
-        self._owner = _new_owner()
+        self._owner = new_owner()
         # The job handed out by each lease this object holds, by id: a job is
         # settled through the very QueuedJob its claim returned, so a handle from an
         # earlier claim of the same id (before a close, or before a failed attempt)
@@ -266,7 +268,7 @@ class SQLiteQueue:
                         "this SQLiteQueue was closed; open it again with open() or 'async with'"
                     )
                 # A new owner: a lease taken before the close is fenced off for good.
-                self._owner = _new_owner()
+                self._owner = new_owner()
                 self._claims.clear()
                 self._closed = False
             self._pid = os.getpid()
@@ -495,7 +497,6 @@ class SQLiteQueue:
         writer = self._writer
         if writer is None:  # closed while it opened
             raise trio.ClosedResourceError("this SQLiteQueue was closed")
-        writer.check_run()  # reads too: the reader's lock belongs to the same run
         return writer
 
     async def _write(
@@ -509,7 +510,9 @@ class SQLiteQueue:
         return await writer.run(function, *args, peek=peek, idle=idle)
 
     async def _read(self, function: Callable[[sqlite3.Connection], T]) -> T:
-        await self._ready()
+        # Checked here as a write checks it in GroupWriter.run: the reader's limiter
+        # belongs to the trio run that opened the queue too.
+        (await self._ready()).check_run()
         reader = self._reader
         if reader is None:
             raise trio.ClosedResourceError("this SQLiteQueue was closed")
@@ -531,20 +534,21 @@ class SQLiteQueue:
         with trio.CancelScope(shield=True):
             if self._writer is None and self._closed:
                 raise trio.ClosedResourceError("this SQLiteQueue was closed")
-            claims = self._claims
-            if claims.get(job.id) is not job:
+            if self._claims.get(job.id) is not job:
                 await trio.lowlevel.checkpoint()
                 raise _not_leased(job.id, action)
             try:
                 await self._write(function, job.id, *args)
             except NotLeasedError:
-                if claims.get(job.id) is job:
-                    del claims[job.id]
+                self._spend(job)
                 raise
-            # Settled: this handle is spent (a concurrent settle of it may have
-            # removed it already).
-            if claims.get(job.id) is job:
-                del claims[job.id]
+            self._spend(job)
+
+    def _spend(self, job: QueuedJob) -> None:
+        """*job*'s handle is settled (or was refused): it settles nothing more. A
+        concurrent settle of the same handle may have spent it already."""
+        if self._claims.get(job.id) is job:
+            del self._claims[job.id]
 
     def _wakeup_event(self) -> trio.Event:
         if self._wakeup is None:
@@ -650,21 +654,9 @@ class SQLiteQueue:
 
     def _release_all_sync(self, connection: sqlite3.Connection) -> None:
         with _WriteTransaction(connection):
-            ids = [
-                row[0]
-                for row in connection.execute(
-                    "SELECT id FROM jobs WHERE state = 'leased' AND lease_owner = ?",
-                    (self._owner,),
-                )
-            ]
-            if ids:
-                connection.execute(
-                    "UPDATE jobs SET state = 'queued', lease_pid = NULL, lease_token = NULL,"
-                    " lease_owner = NULL, leased_at = NULL"
-                    " WHERE state = 'leased' AND lease_owner = ?",
-                    (self._owner,),
-                )
-                self._log(connection, ids, "release", "queue closed")
+            self._requeue_leased(
+                connection, "lease_owner = ?", (self._owner,), "release", "queue closed"
+            )
 
     def _has_queued(self, connection: sqlite3.Connection) -> bool:
         """A look without the write lock (outside any transaction): is a job queued?"""
@@ -785,16 +777,16 @@ class SQLiteQueue:
         holders = connection.execute(
             "SELECT DISTINCT lease_pid, lease_token, lease_owner FROM jobs WHERE state = 'leased'"
         ).fetchall()
-        here = _pid_namespace()
+        here = pid_namespace()
         closed: list[str] = []
         gone: dict[tuple[int, str], list[str]] = {}
         for pid, token, owner in holders:
-            namespace = _owner_namespace(owner)
+            namespace = owner_namespace(owner)
             if namespace is not None and namespace != here:
                 # Another PID namespace (another container sharing the file): its pid
                 # names nothing here, or another process, and a pid check would take
                 # back its live leases again and again. Its presence lock tells.
-                if _present(self.path, token, namespace):
+                if present(self.path, token, namespace):
                     continue
             elif (pid, token) == (self._pid, self._token):
                 if owner not in _OPEN_OWNERS:
@@ -803,54 +795,56 @@ class SQLiteQueue:
             elif process_alive(pid, token):
                 continue
             gone.setdefault((pid, token), []).append(owner)
-        recovered = self._release_closed(connection, closed)
+        holder = "lease_pid IS ? AND lease_token IS ? AND lease_owner IS ?"
+        recovered = 0
+        for owner in closed:  # queues of this process closed without releasing them
+            recovered += len(
+                self._requeue_leased(
+                    connection, holder, (self._pid, self._token, owner), "release", "queue closed"
+                )
+            )
         for (pid, token), owners in gone.items():
             now = time.time()
+            detail = f"lease of pid {pid}, which no longer runs"
             ids: list[int] = []
             for owner in owners:
-                ids += [
-                    row[0]
-                    for row in connection.execute(
-                        "SELECT id FROM jobs WHERE state = 'leased' AND lease_pid IS ?"
-                        " AND lease_token IS ? AND lease_owner IS ?",
-                        (pid, token, owner),
-                    )
-                ]
-            connection.executemany(
-                "UPDATE jobs SET state = 'queued', lost_leases = lost_leases + 1,"
-                " lease_pid = NULL, lease_token = NULL, lease_owner = NULL, leased_at = NULL"
-                " WHERE state = 'leased' AND lease_pid IS ? AND lease_token IS ?"
-                " AND lease_owner IS ?",
-                [(pid, token, owner) for owner in owners],
-            )
-            self._log(connection, ids, "recover", f"lease of pid {pid}, which no longer runs", now)
+                ids += self._requeue_leased(
+                    connection, holder, (pid, token, owner), "recover", detail, now, lost=True
+                )
             if ids and self.max_lost_leases is not None:
                 self._bury_job_killers(connection, ids, pid, now)
             recovered += len(ids)
         return recovered
 
-    def _release_closed(self, connection: sqlite3.Connection, owners: list[str]) -> int:
-        """Release the leases of *owners*, queues of this process that were closed
-        without releasing them (see _OPEN_OWNERS)."""
-        ids: list[int] = []
-        for owner in owners:
-            ids += [
-                row[0]
-                for row in connection.execute(
-                    "SELECT id FROM jobs WHERE state = 'leased' AND lease_pid = ?"
-                    " AND lease_token IS ? AND lease_owner IS ?",
-                    (self._pid, self._token, owner),
-                )
-            ]
-            connection.execute(
-                "UPDATE jobs SET state = 'queued', lease_pid = NULL, lease_token = NULL,"
-                " lease_owner = NULL, leased_at = NULL"
-                " WHERE state = 'leased' AND lease_pid = ? AND lease_token IS ?"
-                " AND lease_owner IS ?",
-                (self._pid, self._token, owner),
+    def _requeue_leased(
+        self,
+        connection: sqlite3.Connection,
+        holder: str,
+        params: tuple[Any, ...],
+        event: str,
+        detail: str,
+        now: float | None = None,
+        *,
+        lost: bool = False,
+    ) -> list[int]:
+        """Put the jobs leased to *holder* (an SQL condition) back in the queue, with
+        an *event* history row each; *lost* counts a lost lease. Their ids."""
+        ids = [
+            row[0]
+            for row in connection.execute(
+                f"SELECT id FROM jobs WHERE state = 'leased' AND {holder}", params
             )
-        self._log(connection, ids, "release", "queue closed")
-        return len(ids)
+        ]
+        if ids:
+            counted = " lost_leases = lost_leases + 1," if lost else ""
+            connection.execute(
+                f"UPDATE jobs SET state = 'queued',{counted} lease_pid = NULL,"
+                " lease_token = NULL, lease_owner = NULL, leased_at = NULL"
+                f" WHERE state = 'leased' AND {holder}",
+                params,
+            )
+            self._log(connection, ids, event, detail, now)
+        return ids
 
     def _prune_on(self, connection: sqlite3.Connection) -> int:
         """Delete the history rows beyond the bounds of up to PRUNE_JOBS jobs, oldest
@@ -1132,177 +1126,3 @@ def translate_error(exc: sqlite3.Error, path: str, busy_timeout: float) -> Queue
             "next to it, and the queue a -holders file), and that the disk has space"
         )
     return QueueError(f"queue file {path!r}: {exc}")
-
-
-# -- who holds a lease -------------------------------------------------------------------
-
-
-@functools.cache
-def _boot_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as file:
-            return file.read().strip()
-    except OSError:
-        return ""
-
-
-def _linux_start_time(pid: int) -> str | None:
-    """The start time (clock ticks since boot) of a running process, None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as file:
-            stat = file.read()
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces and parentheses: split after the last ")".
-    fields = stat[stat.rindex(b")") + 2 :].split()
-    if fields[0] in (b"Z", b"X"):  # a zombie has finished running: its leases are orphans
-        return None
-    return fields[19].decode()
-
-
-@functools.cache
-def _pid_namespace() -> str:
-    """This process's PID namespace (an inode number), "" if it cannot be told."""
-    if not sys.platform.startswith("linux"):
-        return ""
-    try:
-        return str(os.stat("/proc/self/ns/pid").st_ino)
-    except OSError:
-        return ""
-
-
-def _new_owner() -> str:
-    """A new lease owner name: unique, and ending with this process's PID namespace.
-
-    The namespace goes with the owner rather than the token, whose form earlier
-    versions compare whole: a process of one of them sharing the file (the previous
-    generation, during a deploy) would take every lease of this one for orphaned.
-    """
-    namespace = _pid_namespace()
-    return f"{uuid.uuid4().hex}@{namespace}" if namespace else uuid.uuid4().hex
-
-
-def _owner_namespace(owner: str | None) -> str | None:
-    """The PID namespace an owner name ends with; None if it carries none."""
-    if owner is None or "@" not in owner:
-        return None
-    return owner.rpartition("@")[2]
-
-
-def process_token(pid: int) -> str | None:
-    """A token naming one run of process *pid*, or None if it is not running.
-
-    On Linux it holds the boot id and the process's start time, so a pid reused
-    later (or after a reboot) gets a different token. Elsewhere it is the pid.
-    """
-    if sys.platform.startswith("linux") and os.path.isdir("/proc/self"):
-        start = _linux_start_time(pid)
-        return None if start is None else f"linux:{_boot_id()}:{start}"
-    return f"pid:{pid}" if _pid_exists(pid) else None
-
-
-def process_alive(pid: int | None, token: str | None) -> bool:
-    """True if the process run named by *pid* and *token* is still running (a
-    process of this PID namespace)."""
-    if pid is None or token is None:
-        return False
-    if token.startswith("linux:"):
-        return process_token(pid) == token
-    return _pid_exists(pid)
-
-
-# A process that may hold leases holds a shared lock on one byte of a file next to
-# the queue's, ``<path>-holders``, at an offset its token and namespace name, from
-# its first open of the queue until it ends (the kernel drops the lock then, however
-# it ended). Locks are seen across PID namespaces, pids are not. They are open file
-# description locks: another descriptor of the file, opened and closed to look,
-# leaves them alone.
-
-#: (holders file, token@namespace) -> [descriptor holding the lock, queues open on it]
-_PRESENCE: dict[tuple[str, str], list[int]] = {}
-_PRESENCE_LOCK = threading.Lock()
-_FLOCK = "hhqqi"  # struct flock: type, whence, start, length, pid
-
-
-def _presence_offset(name: str) -> int:
-    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=5).digest(), "big")
-
-
-def _presence_key(path: str, token: str) -> tuple[str, str] | None:
-    namespace = _pid_namespace()
-    if not namespace:
-        return None
-    return os.path.realpath(path) + "-holders", f"{token}@{namespace}"
-
-
-def hold_presence(path: str, token: str) -> None:
-    """Take the presence lock that tells processes of other PID namespaces that this
-    one (*token*) runs, for one more queue open on the file *path*. Where it cannot
-    be taken (a folder that cannot be written), they take this process to run."""
-    key = _presence_key(path, token)
-    if not sys.platform.startswith("linux") or key is None:
-        return
-    holders, name = key
-    with _PRESENCE_LOCK:
-        held = _PRESENCE.get(key)
-        if held is not None:
-            held[1] += 1
-            return
-        try:
-            fd = os.open(holders, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-        except OSError:
-            return
-        lock = struct.pack(_FLOCK, fcntl.F_RDLCK, os.SEEK_SET, _presence_offset(name), 1, 0)
-        try:
-            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, lock)
-        except OSError:
-            os.close(fd)
-            return
-        _PRESENCE[key] = [fd, 1]
-
-
-def drop_presence(path: str, token: str) -> None:
-    """One queue fewer open on *path*: with none left, the presence lock goes (a
-    process that opens and closes many queue files keeps no descriptor of each)."""
-    key = _presence_key(path, token)
-    if key is None:
-        return
-    with _PRESENCE_LOCK:
-        held = _PRESENCE.get(key)
-        if held is None:
-            return
-        held[1] -= 1
-        if held[1] == 0:
-            del _PRESENCE[key]
-            os.close(held[0])
-
-
-def _present(path: str, token: str | None, namespace: str) -> bool:
-    """Whether the process run named by *token* in PID namespace *namespace* holds
-    its presence lock for the queue file *path*."""
-    if not sys.platform.startswith("linux"):
-        return True
-    try:
-        fd = os.open(os.path.realpath(path) + "-holders", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return True  # it could not take one either: never take its leases
-    try:
-        offset = _presence_offset(f"{token}@{namespace}")
-        query = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0)
-        answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, query)
-    except OSError:
-        return True
-    finally:
-        os.close(fd)
-    kind: int = struct.unpack(_FLOCK, answer)[0]
-    return kind != fcntl.F_UNLCK
-
-
-def _pid_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

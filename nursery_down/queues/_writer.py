@@ -98,11 +98,6 @@ class GroupWriter:
         self._connection: sqlite3.Connection | None = None
         self._stopped = False
 
-    @property
-    def connection(self) -> sqlite3.Connection | None:
-        """The open write connection (for the writer thread's own use), or None."""
-        return self._connection
-
     async def start(self) -> None:
         """Open the connection in a new writer thread; raise what opening raised."""
         self._token = trio.lowlevel.current_trio_token()
