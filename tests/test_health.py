@@ -184,13 +184,18 @@ async def test_a_service_follows_the_health_of_its_dependency(
 async def test_a_new_run_starts_healthy(autojump_clock: trio.testing.MockClock) -> None:
     sup = nd.Supervisor("health", grace=5.0)
     crash = trio.Event()
+    runs = 0
 
     @sup.service(restart="transient")
     async def worker(ctx: nd.ServiceContext) -> None:
+        nonlocal runs
+        runs += 1
         ctx.set_health("degraded", "warming up")
         ctx.ready()
-        await crash.wait()
-        raise RuntimeError("crash")
+        if runs == 1:  # the second run stays up, so the test can see it RUNNING
+            await crash.wait()
+            raise RuntimeError("crash")
+        await ctx.wait_draining()
 
     with trio.fail_after(LIMIT):
         async with nd.open_supervisor(sup):
