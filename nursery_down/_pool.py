@@ -53,16 +53,24 @@ def worker_pool(
 
     - One producer task claims jobs and hands each to an idle worker through an
       unbuffered channel: nothing is buffered past the workers. At most
-      ``workers + 1`` jobs are claimed at once (the producer holds the next one
-      while every worker is busy). A source with ``claim_many`` (``SQLiteQueue``,
+      ``workers + 1`` jobs are claimed and not finished (the producer holds the
+      next one while every worker is busy). A source with ``claim_many`` (``SQLiteQueue``,
       ``PostgresQueue``) is asked for as many jobs at once as workers are idle, so
       one transaction claims for all of them; while every worker is busy it waits
-      for one to be free, so at most ``workers`` jobs are claimed at once.
+      for one to be free, so at most ``workers`` jobs are claimed and not finished.
+    - A finished job's ack is written behind its worker: the worker hands it to one
+      of ``workers`` ack writers and takes its next job while the ack commits (a
+      round trip or a transaction on a database), so a claim and an ack are on
+      their way at the same time. At most ``workers`` acks wait to be written (a
+      worker waits for a free writer beyond that), and the service returns only
+      once every ack is written. A source with ``ack_nowait`` (``MemoryQueue``) is
+      acked by the worker at once.
     - Each job runs as an in-flight job of the service, like a ``ctx.job()`` block:
       counted, shown on the dashboard, and shielded, so a drain lets it finish.
     - When a drain begins, the producer stops claiming at once and closes the
       channel; a job claimed but not yet started goes back to the source
-      (``release``). Running jobs finish, then are acked.
+      (``release``). Running jobs finish, then are acked; the drain ends once
+      their acks are written.
     - At the grace deadline, jobs still running are cancelled, counted as
       hard-cancelled and released back to the source (their attempt not counted).
     - ``ack``, ``release`` and ``fail`` are shielded: cancellation never cuts them.
@@ -137,15 +145,37 @@ async def _run_pool(ctx: ServiceContext, source: JobSource, handler: Handler, wo
     if watch_lease is not None:
         handler = _cancelled_on_lost_lease(handler, watch_lease)
     freed = _Freed()
-    async with receive, trio.open_nursery() as nursery:
-        for _ in range(workers):
-            nursery.start_soon(_work, ctx, source, handler, receive, ack_nowait, freed, name=name)
-        ctx.ready()
-        claim_many = _fast_path(source, "claim_many")
-        if claim_many is None:
-            await _produce(ctx, source, send)
-        else:
-            await _produce_batches(ctx, source, send, claim_many, freed)
+    claim_many = _fast_path(source, "claim_many")
+    # Acks are written behind the workers: a worker hands its finished job to one of
+    # as many ack writers and takes its next job while that ack commits (a round trip
+    # or a transaction each on a database). The ack writers outlive the workers, so
+    # the pool returns only once every ack is written.
+    acks_send, acks_receive = trio.open_memory_channel[QueuedJob](0)
+    async with acks_receive, trio.open_nursery() as writing:
+        if ack_nowait is None:
+            for _ in range(workers):
+                writing.start_soon(_write_acks, source, acks_receive, name=f"{ctx.name} ack")
+        async with acks_send, receive, trio.open_nursery() as nursery:
+            for _ in range(workers):
+                nursery.start_soon(
+                    _work, ctx, source, handler, receive, ack_nowait, acks_send, freed, name=name
+                )
+            ctx.ready()
+            if claim_many is None:
+                await _produce(ctx, source, send)
+            else:
+                await _produce_batches(ctx, source, send, claim_many, freed)
+
+
+async def _write_acks(source: JobSource, receive: trio.MemoryReceiveChannel[QueuedJob]) -> None:
+    """Ack the jobs the workers hand over, until they have all ended.
+
+    Shielded for life, as an ack is never cut: neither a drain nor its grace
+    deadline applies to a job that already finished.
+    """
+    with trio.CancelScope(shield=True):
+        async for job in receive:
+            await source.ack(job)
 
 
 class _Freed:
@@ -249,6 +279,7 @@ async def _work(
     handler: Handler,
     receive: trio.MemoryReceiveChannel[QueuedJob],
     ack_nowait: Callable[[QueuedJob], None] | None,
+    acks: trio.MemorySendChannel[QueuedJob],
     freed: _Freed,
 ) -> None:
     counters = ctx._counters
@@ -316,14 +347,20 @@ async def _work(
                 counters.completed += 1
                 if drain.report is not None:  # one attribute read a job outside drains
                     drain.report.job_ended(job, "finished")
-                # With no deadline on the shielded scope nothing can cut the ack
-                # (reading the deadline is much cheaper than cancel_called).
                 if ack_nowait is not None:
                     ack_nowait(queued)  # cannot block, so nothing can cut it
-                elif scope.deadline == math.inf:
-                    await source.ack(queued)
                 else:
-                    await _settle_after_deadline(scope, source.ack, queued)
+                    try:
+                        acks.send_nowait(queued)
+                    except trio.WouldBlock:
+                        # Every ack writer is busy: this worker waits for one, so at
+                        # most `workers` acks are pending. With no deadline on the
+                        # shielded scope nothing can cut the hand-over (reading the
+                        # deadline is much cheaper than cancel_called).
+                        if scope.deadline == math.inf:
+                            await acks.send(queued)
+                        else:
+                            await _settle_after_deadline(scope, acks.send, queued)
             _tell_free(freed)
 
 
@@ -338,7 +375,8 @@ def _tell_free(freed: _Freed) -> None:
 async def _settle_after_deadline(
     scope: trio.CancelScope, settle: Callable[..., Awaitable[None]], *args: Any
 ) -> None:
-    """Ack or fail a job that ended while a drain had set its worker's deadline."""
+    """Fail a job, or hand over its ack, after it ended while a drain had set its
+    worker's deadline."""
     if scope.cancel_called:
         # The handler outlived the grace deadline by swallowing the cancellation:
         # the worker's scope is cancelled for good, so settle under a fresh shield.

@@ -398,6 +398,122 @@ async def test_a_batch_claimed_as_the_drain_begins_goes_back_unstarted(
     assert [job.id for job in [queue.claim_nowait() for _ in range(3)]] == [1, 2, 3]
 
 
+class SlowAckQueue(BatchQueue):
+    """A batch-claiming queue whose acks take a round trip: *ack_seconds* each, or
+    until *ack_gate* is set. No ``ack_nowait``, as a database source has none."""
+
+    ack_nowait = None  # type: ignore[assignment]
+
+    def __init__(
+        self, *, ack_seconds: float = 0.0, ack_gate: trio.Event | None = None, **options: Any
+    ) -> None:
+        super().__init__(**options)
+        self.ack_seconds = ack_seconds
+        self.ack_gate = ack_gate
+        self.acks_waiting = 0
+        self.fail_ack_of: int | None = None
+
+    async def ack(self, job: QueuedJob) -> None:
+        self.acks_waiting += 1
+        try:
+            await trio.sleep(self.ack_seconds)
+            if self.ack_gate is not None:
+                await self.ack_gate.wait()
+            if job.id == self.fail_ack_of:
+                raise RuntimeError(f"the database refused the ack of job {job.id}")
+            MemoryQueue.ack_nowait(self, job)
+        finally:
+            self.acks_waiting -= 1
+
+
+async def test_a_worker_takes_its_next_job_while_its_last_ack_is_written(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    queue = SlowAckQueue(ack_seconds=0.5)
+    queue.put_many_nowait(range(20))
+    queue.close()
+    log: list[tuple[str, Any, float]] = []
+    sup = nd.Supervisor("app")
+    sup.add(nd.worker_pool(queue, sleeper(1, log), workers=4), name="pool", restart="transient")
+    async with nd.open_supervisor(sup) as running:
+        await trio.sleep(1.25)
+        # The first four finished at 1 s; their acks are on their way, the next four run.
+        assert queue.acks_waiting == 4
+        assert queue.statistics() == stats(queued=12, leased=8)
+        assert pool_service(sup)["in_flight"] == 4
+        await running.wait_finished()
+        # Acked one after the other, the 20 jobs would take 5 x 1.5 s; written behind
+        # the workers, 5 x 1 s and the last ack. The service ended after that ack.
+        assert trio.current_time() == pytest.approx(5.5)
+    assert queue.statistics() == stats(done=20)
+    assert sorted(events(log, "done")) == list(range(1, 21))
+
+
+async def test_at_most_one_ack_per_worker_waits_to_be_written(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gate = trio.Event()
+    queue = SlowAckQueue(ack_gate=gate)
+    queue.put_many_nowait(range(10))
+    log: list[tuple[str, Any, float]] = []
+    sup = nd.Supervisor("app")
+    sup.add(nd.worker_pool(queue, sleeper(1, log), workers=2), name="pool")
+    async with nd.open_supervisor(sup):
+        try:
+            await trio.sleep(10)
+            # Two acks with the writers, and two workers waiting to hand theirs over:
+            # nothing more was claimed, however long the database takes.
+            assert queue.acks_waiting == 2
+            assert sorted(events(log, "done")) == [1, 2, 3, 4]
+            assert queue.statistics() == stats(queued=6, leased=4)
+        finally:
+            gate.set()  # else the pool waits for its acks for ever
+        while queue.statistics().done < 10:
+            await trio.sleep(1)
+    assert sorted(events(log, "done")) == list(range(1, 11))
+
+
+async def test_a_drain_ends_only_once_every_ack_is_written(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gate = trio.Event()
+    queue = SlowAckQueue(ack_gate=gate)
+    queue.put_many_nowait(range(3))
+    sup = nd.Supervisor("app", grace=5.0)
+    sup.add(nd.worker_pool(queue, sleeper(1, []), workers=3), name="pool")
+    async with nd.open_supervisor(sup):
+        try:
+            await trio.sleep(2)
+            assert queue.acks_waiting == 3
+            await sup.drain()
+            await trio.sleep(4)
+            assert sup.state_of("pool") is nd.ServiceState.DRAINING
+        finally:
+            gate.set()
+        await sup.wait_finished()
+    assert queue.statistics() == stats(done=3)
+    assert sup.exit_code == nd.EXIT_OK
+    assert pool_service(sup)["hard_cancelled"] == 0
+
+
+async def test_an_ack_that_fails_crashes_the_pool_and_the_other_jobs_still_settle(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    queue = SlowAckQueue(ack_seconds=0.1)
+    queue.fail_ack_of = 2
+    queue.put_many_nowait(range(6))
+    sup = nd.Supervisor("app")
+    sup.add(nd.worker_pool(queue, sleeper(1, []), workers=3), name="pool", restart="temporary")
+    async with nd.open_supervisor(sup):
+        await sup.wait_state("pool", nd.ServiceState.FAILED)
+        service = pool_service(sup)
+    assert "the database refused the ack of job 2" in service["last_error"]
+    # Jobs 4 to 6 were running when the ack failed: they finished and were acked, as
+    # were 1 and 3. Job 2 stays leased (its lease recovers it, as after a crash).
+    assert queue.statistics() == stats(leased=1, done=5)
+    assert service["completed"] == 6
+
+
 async def test_pool_over_a_sqlite_queue(tmp_path: Path) -> None:
     done: list[int] = []
 
