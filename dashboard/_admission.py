@@ -9,17 +9,22 @@ wait (parked, they cost nothing), and any request beyond is answered ``503`` wit
 JSON error and ``Retry-After`` at once instead of queuing without bound.
 
 ``GET /livez`` is answered here, before the app: answering at all is what it reports
-(the loop is alive), so it needs neither the cap nor a pass through the framework.
+(the loop is alive), so it needs no pass through the framework. So is a plain
+``GET /api/snapshot`` (see :func:`~._api.snapshot_answer`), the API's most frequent
+call, after the same checks the app makes; any other request goes to the app.
 Event streams (``/api/events``) live as long as a page is open: they are not counted.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import trio
 from hypercorn.typing import (
     ASGIFramework,
     ASGIReceiveCallable,
     ASGISendCallable,
+    HTTPScope,
     Scope,
 )
 
@@ -43,13 +48,14 @@ def admit_requests(
     *,
     running: int = RUNNING_LIMIT,
     waiting: int = WAITING_LIMIT,
+    direct: Callable[[HTTPScope], bytes | None] | None = None,
 ) -> ASGIFramework:
     """Wrap *app* so that at most *running* HTTP requests run at once.
 
     Up to *waiting* more wait for a place; beyond that a request is answered
     ``503 {"error": ...}`` with ``Retry-After``. ``GET``/``HEAD /livez`` is answered
-    directly. *headers* are added to every response given here (the app's security
-    headers).
+    directly, and so is a request for which ``direct(scope)`` returns a JSON body.
+    *headers* are added to every response given here (the app's security headers).
     """
     places = trio.Semaphore(running)
     queued = 0
@@ -90,6 +96,8 @@ def admit_requests(
             if scope["path"] == LIVENESS_PATH and scope["method"] in ("GET", "HEAD"):
                 body = b"ok\n" if scope["method"] == "GET" else b""
                 await respond(send, 200, body, b"text/plain; charset=utf-8")
+            elif direct is not None and (answer := direct(scope)) is not None:
+                await respond(send, 200, answer, b"application/json")
             else:
                 await app(scope, receive, send)
         finally:

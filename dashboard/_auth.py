@@ -137,14 +137,17 @@ class Guard:
         self, headers: Headers, cookies: Mapping[str, str], host: str
     ) -> Credential | None:
         """How the request proved it knows the token, or None if it did not."""
-        authorization = headers.get("Authorization") or ""
-        scheme, _, value = authorization.partition(" ")
-        if scheme.lower() == "bearer" and self.token_matches(value.strip()):
+        if self.bearer_matches(headers.get("Authorization")):
             return "api"
         cookie = cookies.get(self.cookie_name)
         if cookie and self._session_id(cookie, host) is not None:
             return "browser"
         return None
+
+    def bearer_matches(self, authorization: str | None) -> bool:
+        """True if an ``Authorization`` header value carries the operator token."""
+        scheme, _, value = (authorization or "").partition(" ")
+        return scheme.lower() == "bearer" and self.token_matches(value.strip())
 
     def presented_token(self, headers: Headers) -> bool:
         """True if the request carries a bearer token (right or wrong)."""

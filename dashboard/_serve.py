@@ -27,6 +27,7 @@ from nursery_down import ConfigurationError, Supervisor, listener
 
 from ._address import USER_TIMEOUT_MS, format_host, resolve_address
 from ._admission import admit_requests
+from ._api import snapshot_answer
 from ._app import SECURITY_HEADERS, create_app
 from ._auth import MIN_TOKEN_LENGTH, allowed_host_headers
 from ._context import dashboard_context
@@ -153,7 +154,11 @@ async def _serve_until_stopped(
             await nursery.start(
                 partial(
                     serve,
-                    admit_requests(shield_sends(app), SECURITY_HEADERS),
+                    admit_requests(
+                        shield_sends(app),
+                        SECURITY_HEADERS,
+                        direct=snapshot_answer(dashboard_context(app)),
+                    ),
                     config,
                     shutdown_trigger=shutdown.wait,
                 )
