@@ -24,7 +24,7 @@ from ._fleet import (
     fleet_sources,
 )
 from ._notify import serve_notify
-from ._signals import HupAction, holding_signals, serve_signals
+from ._signals import HupAction, holding_signals, ignore_signals_until_exit, serve_signals
 from ._supervisor import EXIT_FAILED, EXIT_USAGE, Supervisor
 from ._upgrade import DEFAULT_TIMEOUT, Upgrader, remove_pid_file, write_pid_file
 from ._validate import require_seconds, seconds_from_environ
@@ -261,6 +261,12 @@ def run(
     this one drains and exits. *upgrade_argv*, *upgrade_cwd*, *upgrade_timeout* and
     *pid_file* are as for :func:`open_supervisor`, and so is *fleet*, the PostgreSQL
     database of the fleet this process joins.
+
+    With *handle_signals*, SIGTERM, SIGINT, SIGHUP and SIGUSR2 stay ignored once it
+    returned, as the program is exiting: a second SIGTERM or Ctrl-C while the
+    interpreter shuts down cannot turn the exit code into a death by signal or a
+    KeyboardInterrupt traceback. A program that goes on afterwards can install its
+    own handlers with :func:`signal.signal`.
     """
     if grace is not None:
         supervisor.grace = require_seconds("grace", grace)
@@ -311,6 +317,9 @@ def run(
             return trio.run(main)
     except BaseException as exc:  # every failure becomes an exit code
         return _exit_code_for(exc)
+    finally:
+        if handle_signals:
+            ignore_signals_until_exit()
 
 
 def _exit_code_for(exc: BaseException) -> int:

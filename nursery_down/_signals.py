@@ -96,6 +96,18 @@ def holding_signals() -> Iterator[None]:
         _held.clear()
 
 
+def ignore_signals_until_exit() -> None:
+    """Ignore SIGTERM, SIGINT, SIGHUP and SIGUSR2 from now on: the program is over.
+
+    For :func:`nursery_down.run` once the run is over, while the interpreter shuts
+    down (tens to hundreds of milliseconds): a late signal, such as a deploy's second
+    SIGTERM or a second Ctrl-C, must not turn a clean exit into a death by signal or
+    a KeyboardInterrupt traceback.
+    """
+    for signum in HANDLED_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def dispatch_signal(
     supervisor: Supervisor,
     signum: int,

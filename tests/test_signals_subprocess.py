@@ -370,3 +370,44 @@ def test_idle_program_exits_promptly_on_sigterm(launch: Callable[..., Program]) 
     # Nothing to wait for: far from the 30 s grace.
     assert took <= EXIT_MARGIN, f"an idle program took {took:.3f} s to exit after SIGTERM"
     assert not program.ledger().starts
+
+
+def test_signals_while_the_interpreter_exits_do_not_change_the_exit_code(
+    tmp_path: Path,
+) -> None:
+    marker = tmp_path / "exiting"
+    env = {**os.environ, "SLOW_EXIT_MARKER": str(marker)}
+    target = f"{PROGRAM.parent / 'slow_exit.py'}:sup"
+    output = tmp_path / "output"
+    with open(output, "wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "nursery_down", "run", target, "--no-dashboard"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + PATIENCE
+
+        def still_running() -> None:
+            assert process.poll() is None, output.read_text()
+            assert time.monotonic() < deadline, output.read_text()
+
+        while "every service started" not in output.read_text(errors="replace"):
+            still_running()
+            time.sleep(0.01)
+        os.kill(process.pid, signal.SIGTERM)
+        while not marker.exists():  # the run returned; the interpreter is shutting down
+            still_running()
+            time.sleep(0.005)
+        for late in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            os.kill(process.pid, late)
+        code = process.wait(timeout=PATIENCE)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    text = output.read_text(errors="replace")
+    assert code == 0, text
+    assert "Traceback" not in text
