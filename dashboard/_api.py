@@ -101,9 +101,9 @@ def snapshot_answer(context: DashboardContext) -> Callable[[HTTPScope], bytes | 
             return None
         try:
             max_jobs = parse_max_jobs(value.decode("latin-1"))
-        except ValueError:
+            return encode_json(supervisor.snapshot(max_jobs=max_jobs)).encode()
+        except Exception:  # a bad max_jobs, or a bug: the app answers, and logs it its way
             return None
-        return encode_json(supervisor.snapshot(max_jobs=max_jobs)).encode()
 
     return answer
 

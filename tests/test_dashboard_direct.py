@@ -194,3 +194,14 @@ async def test_the_direct_answer_is_the_apps_answer(
                 job.pop("age")
     assert first == second
     assert first["services"][0]["jobs_hidden"] == 1
+
+
+async def test_a_snapshot_that_fails_is_left_to_the_app_and_its_error_handling(
+    context: DashboardContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(**_: Any) -> dict[str, Any]:
+        raise RuntimeError("a bug of ours")
+
+    monkeypatch.setattr(context.supervisor, "snapshot", broken)
+    status, _body, spy = await call(context, scope())
+    assert (status, spy.reached) == (299, ["/api/snapshot"])
