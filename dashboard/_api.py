@@ -72,7 +72,11 @@ def snapshot_answer(context: DashboardContext) -> Callable[[HTTPScope], bytes | 
     shown = str(JOBS_SHOWN).encode()
 
     def answer(scope: HTTPScope) -> bytes | None:
-        if scope["method"] != "GET" or scope["path"] != "/api/snapshot":
+        if (
+            scope["method"] != "GET"
+            or scope["path"] != "/api/snapshot"
+            or scope.get("root_path")  # mounted below a prefix: the app maps the path
+        ):
             return None
         query = scope["query_string"]
         if query:
