@@ -171,11 +171,21 @@ async def _write_acks(source: JobSource, receive: trio.MemoryReceiveChannel[Queu
     """Ack the jobs the workers hand over, until they have all ended.
 
     Shielded for life, as an ack is never cut: neither a drain nor its grace
-    deadline applies to a job that already finished.
+    deadline applies to a job that already finished. An ack that fails closes the
+    hand-over for every writer before it ends the pool, so that no worker waits for
+    ever for a writer: each acks its job itself from then on (see :func:`_work`).
     """
     with trio.CancelScope(shield=True):
-        async for job in receive:
-            await source.ack(job)
+        while True:
+            try:
+                job = await receive.receive()
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                return  # the workers are done, or another writer's ack failed
+            try:
+                await source.ack(job)
+            except BaseException:
+                receive.close()
+                raise
 
 
 class _Freed:
@@ -351,16 +361,21 @@ async def _work(
                     ack_nowait(queued)  # cannot block, so nothing can cut it
                 else:
                     try:
-                        acks.send_nowait(queued)
-                    except trio.WouldBlock:
-                        # Every ack writer is busy: this worker waits for one, so at
-                        # most `workers` acks are pending. With no deadline on the
-                        # shielded scope nothing can cut the hand-over (reading the
-                        # deadline is much cheaper than cancel_called).
-                        if scope.deadline == math.inf:
-                            await acks.send(queued)
-                        else:
-                            await _settle_after_deadline(scope, acks.send, queued)
+                        try:
+                            acks.send_nowait(queued)
+                        except trio.WouldBlock:
+                            # Every ack writer is busy: this worker waits for one, so
+                            # at most `workers` acks are pending. With no deadline on
+                            # the shielded scope nothing can cut the hand-over
+                            # (reading the deadline is much cheaper than cancel_called).
+                            if scope.deadline == math.inf:
+                                await acks.send(queued)
+                            else:
+                                await _settle_after_deadline(scope, acks.send, queued)
+                    except trio.BrokenResourceError:
+                        # An ack failed and the writers are gone, ending the pool:
+                        # ack this one here, as it fails or succeeds on its own.
+                        await _settle_after_deadline(scope, source.ack, queued)
             _tell_free(freed)
 
 
@@ -375,8 +390,8 @@ def _tell_free(freed: _Freed) -> None:
 async def _settle_after_deadline(
     scope: trio.CancelScope, settle: Callable[..., Awaitable[None]], *args: Any
 ) -> None:
-    """Fail a job, or hand over its ack, after it ended while a drain had set its
-    worker's deadline."""
+    """Settle a job (fail or ack it, or hand its ack over) once it ended, whether or
+    not a drain set its worker's deadline."""
     if scope.cancel_called:
         # The handler outlived the grace deadline by swallowing the cancellation:
         # the worker's scope is cancelled for good, so settle under a fresh shield.
