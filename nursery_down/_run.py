@@ -28,6 +28,7 @@ from ._signals import HupAction, holding_signals, ignore_signals_until_exit, ser
 from ._supervisor import EXIT_FAILED, EXIT_USAGE, Supervisor
 from ._upgrade import DEFAULT_TIMEOUT, Upgrader, remove_pid_file, write_pid_file
 from ._validate import require_seconds, seconds_from_environ
+from .queues._source import error_leaves
 
 logger = logging.getLogger("nursery_down")
 
@@ -328,7 +329,7 @@ def _exit_code_for(exc: BaseException) -> int:
     By then every job has had at most its grace (the supervisor sees to that
     whatever ends it), so this only names the cause.
     """
-    leaves = _leaves(exc)
+    leaves = error_leaves(exc)
     for leaf in leaves:
         if isinstance(leaf, ConfigurationError):
             logger.error("%s", leaf)
@@ -352,9 +353,3 @@ def _exit_code_for(exc: BaseException) -> int:
         return EXIT_FAILED
     logger.error("the program crashed", exc_info=exc)
     return EXIT_FAILED
-
-
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
-    return [exc]

@@ -25,6 +25,7 @@ from ._health import HealthBoard, run_checks
 from ._records import ServiceRecord
 from ._reports import DrainReports
 from ._state import ACTIVE_STATES, ServiceState, Trigger, after_exit, next_state
+from .queues._source import describe_error
 
 logger = logging.getLogger("nursery_down")
 
@@ -263,7 +264,7 @@ class Services:
         self.reports.service_ended(drain)
         described = None
         if error is not None:
-            described = record.last_error = f"{type(error).__name__}: {error}"
+            described = record.last_error = describe_error(error)
             logger.error("service %s crashed: %s", record.name, described, exc_info=error)
         now = trio.current_time()
         recent = record.recent_restarts
