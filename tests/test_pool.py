@@ -398,20 +398,42 @@ async def test_a_batch_claimed_as_the_drain_begins_goes_back_unstarted(
     assert [job.id for job in [queue.claim_nowait() for _ in range(3)]] == [1, 2, 3]
 
 
-class SlowAckQueue(BatchQueue):
-    """A batch-claiming queue whose acks take a round trip: *ack_seconds* each, or
-    until *ack_gate* is set. No ``ack_nowait``, as a database source has none."""
+class AckQueue(BatchQueue):
+    """A batch-claiming queue with database-like acks (no ``ack_nowait``).
+
+    Each ack takes *ack_seconds*, then waits for *ack_gate* if given; the acks of
+    the ids in *failing* raise, and so does the *failing_claim*-th claim. Every claim
+    and every written ack is noted with the trio time.
+    """
 
     ack_nowait = None  # type: ignore[assignment]
 
     def __init__(
-        self, *, ack_seconds: float = 0.0, ack_gate: trio.Event | None = None, **options: Any
+        self,
+        *,
+        ack_seconds: float = 0.0,
+        ack_gate: trio.Event | None = None,
+        failing: set[int] | None = None,
+        failing_claim: int | None = None,
+        **options: Any,
     ) -> None:
         super().__init__(**options)
         self.ack_seconds = ack_seconds
         self.ack_gate = ack_gate
+        self.failing = failing or set()
+        self.failing_claim = failing_claim  # the claim_many call (1-based) that raises
+        self.claim_calls = 0
         self.acks_waiting = 0
-        self.fail_ack_of: int | None = None
+        self.acked: list[tuple[float, int]] = []
+        self.claimed: list[tuple[float, int]] = []
+
+    async def claim_many(self, limit: int) -> list[QueuedJob]:
+        self.claim_calls += 1
+        if self.claim_calls == self.failing_claim:
+            raise RuntimeError("the database refused the claim")
+        jobs = await super().claim_many(limit)
+        self.claimed.extend((trio.current_time(), job.id) for job in jobs)
+        return jobs
 
     async def ack(self, job: QueuedJob) -> None:
         self.acks_waiting += 1
@@ -419,9 +441,10 @@ class SlowAckQueue(BatchQueue):
             await trio.sleep(self.ack_seconds)
             if self.ack_gate is not None:
                 await self.ack_gate.wait()
-            if job.id == self.fail_ack_of:
+            if job.id in self.failing:
                 raise RuntimeError(f"the database refused the ack of job {job.id}")
             MemoryQueue.ack_nowait(self, job)
+            self.acked.append((trio.current_time(), job.id))
         finally:
             self.acks_waiting -= 1
 
@@ -429,7 +452,7 @@ class SlowAckQueue(BatchQueue):
 async def test_a_worker_takes_its_next_job_while_its_last_ack_is_written(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    queue = SlowAckQueue(ack_seconds=0.5)
+    queue = AckQueue(ack_seconds=0.5)
     queue.put_many_nowait(range(20))
     queue.close()
     log: list[tuple[str, Any, float]] = []
@@ -453,7 +476,7 @@ async def test_at_most_one_ack_per_worker_waits_to_be_written(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     gate = trio.Event()
-    queue = SlowAckQueue(ack_gate=gate)
+    queue = AckQueue(ack_gate=gate)
     queue.put_many_nowait(range(10))
     log: list[tuple[str, Any, float]] = []
     sup = nd.Supervisor("app")
@@ -477,7 +500,7 @@ async def test_a_drain_ends_only_once_every_ack_is_written(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     gate = trio.Event()
-    queue = SlowAckQueue(ack_gate=gate)
+    queue = AckQueue(ack_gate=gate)
     queue.put_many_nowait(range(3))
     sup = nd.Supervisor("app", grace=5.0)
     sup.add(nd.worker_pool(queue, sleeper(1, []), workers=3), name="pool")
@@ -499,8 +522,7 @@ async def test_a_drain_ends_only_once_every_ack_is_written(
 async def test_an_ack_that_fails_crashes_the_pool_and_the_other_jobs_still_settle(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    queue = SlowAckQueue(ack_seconds=0.1)
-    queue.fail_ack_of = 2
+    queue = AckQueue(ack_seconds=0.1, failing={2})
     queue.put_many_nowait(range(6))
     sup = nd.Supervisor("app")
     sup.add(nd.worker_pool(queue, sleeper(1, []), workers=3), name="pool", restart="temporary")

@@ -27,61 +27,9 @@ import nursery_down as nd
 from nursery_down.queues import MemoryQueue, QueuedJob, SQLiteQueue
 from tests.polling import wait_for
 from tests.queue_helpers import stats
-from tests.test_pool import BatchQueue, pool_service, sleeper
+from tests.test_pool import AckQueue, pool_service, sleeper
 
 PROGRAM = Path(__file__).resolve().parent / "programs" / "ack_edges_sqlite_app.py"
-
-
-class AckQueue(BatchQueue):
-    """A batch-claiming queue with database-like acks (no ``ack_nowait``).
-
-    Each ack takes *ack_seconds*, then waits for *ack_gate* if given; the acks of
-    the ids in *failing* raise. Every claim and every written ack is noted with the
-    trio time. The ack writers' receive channel is noted too, so that a test can
-    rescue a pool that hangs on it.
-    """
-
-    ack_nowait = None  # type: ignore[assignment]
-
-    def __init__(
-        self,
-        *,
-        ack_seconds: float = 0.0,
-        ack_gate: trio.Event | None = None,
-        failing: set[int] | None = None,
-        failing_claim: int | None = None,
-        **options: Any,
-    ) -> None:
-        super().__init__(**options)
-        self.ack_seconds = ack_seconds
-        self.ack_gate = ack_gate
-        self.failing = failing or set()
-        self.failing_claim = failing_claim  # the claim_many call (1-based) that raises
-        self.claim_calls = 0
-        self.acks_waiting = 0
-        self.acked: list[tuple[float, int]] = []
-        self.claimed: list[tuple[float, int]] = []
-
-    async def claim_many(self, limit: int) -> list[QueuedJob]:
-        self.claim_calls += 1
-        if self.claim_calls == self.failing_claim:
-            raise RuntimeError("the database refused the claim")
-        jobs = await super().claim_many(limit)
-        self.claimed.extend((trio.current_time(), job.id) for job in jobs)
-        return jobs
-
-    async def ack(self, job: QueuedJob) -> None:
-        self.acks_waiting += 1
-        try:
-            await trio.sleep(self.ack_seconds)
-            if self.ack_gate is not None:
-                await self.ack_gate.wait()
-            if job.id in self.failing:
-                raise RuntimeError(f"the database refused the ack of job {job.id}")
-            MemoryQueue.ack_nowait(self, job)
-            self.acked.append((trio.current_time(), job.id))
-        finally:
-            self.acks_waiting -= 1
 
 
 def scripted(log: list[tuple[str, Any, float]]) -> Any:
