@@ -361,21 +361,9 @@ async def _work(
                     ack_nowait(queued)  # cannot block, so nothing can cut it
                 else:
                     try:
-                        try:
-                            acks.send_nowait(queued)
-                        except trio.WouldBlock:
-                            # Every ack writer is busy: this worker waits for one, so
-                            # at most `workers` acks are pending. With no deadline on
-                            # the shielded scope nothing can cut the hand-over
-                            # (reading the deadline is much cheaper than cancel_called).
-                            if scope.deadline == math.inf:
-                                await acks.send(queued)
-                            else:
-                                await _settle_after_deadline(scope, acks.send, queued)
-                    except trio.BrokenResourceError:
-                        # An ack failed and the writers are gone, ending the pool:
-                        # ack this one here, as it fails or succeeds on its own.
-                        await _settle_after_deadline(scope, source.ack, queued)
+                        acks.send_nowait(queued)
+                    except (trio.WouldBlock, trio.BrokenResourceError):
+                        await _hand_over_ack(scope, acks, source, queued)
             _tell_free(freed)
 
 
@@ -385,6 +373,21 @@ def _tell_free(freed: _Freed) -> None:
     wanted = freed.wanted
     if wanted is not None:
         wanted.set()
+
+
+async def _hand_over_ack(
+    scope: trio.CancelScope,
+    acks: trio.MemorySendChannel[QueuedJob],
+    source: JobSource,
+    job: QueuedJob,
+) -> None:
+    """Hand *job*'s ack over once an ack writer is free (every one is busy: so at most
+    ``workers`` acks wait); if the writers are gone (an ack failed, ending the pool),
+    ack it here, as it fails or succeeds on its own."""
+    try:
+        await _settle_after_deadline(scope, acks.send, job)
+    except trio.BrokenResourceError:
+        await _settle_after_deadline(scope, source.ack, job)
 
 
 async def _settle_after_deadline(

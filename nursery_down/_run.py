@@ -15,7 +15,7 @@ from typing import Any
 import trio
 
 from ._budget import check_seconds, grace_budget
-from ._exceptions import ConfigurationError, NurseryDownError
+from ._exceptions import ConfigurationError, NurseryDownError, error_leaves
 from ._fleet import (
     DEFAULT_INTERVAL,
     FLEET_INTERVAL_ENV,
@@ -28,7 +28,6 @@ from ._signals import HupAction, holding_signals, ignore_signals_until_exit, ser
 from ._supervisor import EXIT_FAILED, EXIT_USAGE, Supervisor
 from ._upgrade import DEFAULT_TIMEOUT, Upgrader, remove_pid_file, write_pid_file
 from ._validate import require_seconds, seconds_from_environ
-from .queues._source import error_leaves
 
 logger = logging.getLogger("nursery_down")
 

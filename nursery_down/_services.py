@@ -20,12 +20,11 @@ import trio
 from ._context import ServiceContext
 from ._drain import Drain, ShieldHost
 from ._events import EventHub
-from ._exceptions import InvalidTransitionError, UnknownServiceError
+from ._exceptions import InvalidTransitionError, UnknownServiceError, describe_error
 from ._health import HealthBoard, run_checks
 from ._records import ServiceRecord
 from ._reports import DrainReports
 from ._state import ACTIVE_STATES, ServiceState, Trigger, after_exit, next_state
-from .queues._source import describe_error
 
 logger = logging.getLogger("nursery_down")
 

@@ -33,8 +33,9 @@ HOST = "127.0.0.1:8080"
 LIMIT = 10.0
 
 
-def make_supervisor() -> nd.Supervisor:
-    sup = nd.Supervisor(name="direct", grace=30.0)
+def make_supervisor(jobs: int = 2, name: str = "direct") -> nd.Supervisor:
+    """One service, ``alpha``, holding *jobs* in-flight jobs ``a-0``, ``a-1``... for ever."""
+    sup = nd.Supervisor(name=name, grace=30.0)
 
     async def hold(ctx: nd.ServiceContext, key: str) -> None:
         async with ctx.job(key, topic="orders"):
@@ -43,8 +44,8 @@ def make_supervisor() -> nd.Supervisor:
     @sup.service
     async def alpha(ctx: nd.ServiceContext) -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(hold, ctx, "a-1")
-            nursery.start_soon(hold, ctx, "a-2")
+            for number in range(jobs):
+                nursery.start_soon(hold, ctx, f"a-{number}")
             ctx.ready()
 
     return sup

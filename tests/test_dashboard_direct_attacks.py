@@ -29,6 +29,7 @@ from hypercorn.typing import HTTPScope
 
 import nursery_down as nd
 from tests.dashboard_helpers import create_app, serve_dashboard
+from tests.test_dashboard_direct import make_supervisor as direct_supervisor
 
 if TYPE_CHECKING:
     # mypy knows the source folder as "dashboard"; it is installed as nursery_down.dashboard.
@@ -59,20 +60,7 @@ LINE_BREAKERS = ("\n", "\r", "\x1b", "\x0b", "\x0c", "\x1c", "\x85", "\u2028", "
 
 
 def make_supervisor() -> nd.Supervisor:
-    sup = nd.Supervisor(name="attacks", grace=30.0)
-
-    async def hold(ctx: nd.ServiceContext, key: str) -> None:
-        async with ctx.job(key, topic="orders"):
-            await trio.sleep_forever()
-
-    @sup.service
-    async def alpha(ctx: nd.ServiceContext) -> None:
-        async with trio.open_nursery() as nursery:
-            for n in range(12):
-                nursery.start_soon(hold, ctx, f"a-{n}")
-            ctx.ready()
-
-    return sup
+    return direct_supervisor(12, name="attacks")
 
 
 # -- raw HTTP -------------------------------------------------------------------------

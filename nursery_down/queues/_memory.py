@@ -10,9 +10,9 @@ from typing import Any, NoReturn
 
 import trio
 
-from .._exceptions import ConfigurationError, NotLeasedError
+from .._exceptions import ConfigurationError, NotLeasedError, describe_error
 from .._validate import is_count
-from ._source import DeadJob, QueuedJob, QueueStatistics, describe_error
+from ._source import DeadJob, QueuedJob, QueueStatistics
 
 
 class MemoryQueue:

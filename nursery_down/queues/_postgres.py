@@ -23,10 +23,11 @@ from .._exceptions import (
     QueueError,
     QueueSchemaError,
     QueueUnavailableError,
+    describe_error,
 )
 from .._postgresql import describe_dsn, first_line
 from .._validate import is_count, require_seconds
-from ._source import DeadJob, QueuedJob, QueueStatistics, describe_error
+from ._source import DeadJob, QueuedJob, QueueStatistics
 from ._sqlite import encode_payload
 
 if TYPE_CHECKING:

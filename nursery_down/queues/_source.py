@@ -86,25 +86,3 @@ class JobSource(Protocol):
     async def release(self, job: QueuedJob) -> None: ...
 
     async def fail(self, job: QueuedJob, error: BaseException | str) -> None: ...
-
-
-def describe_error(error: BaseException | str) -> str:
-    """``"ExceptionType: message"`` for an exception; a string unchanged.
-
-    An exception group is described by its first leaf, and how many more it holds:
-    its own message ("Exceptions from Trio nursery (2 sub-exceptions)") says nothing.
-    """
-    if isinstance(error, BaseExceptionGroup):
-        leaves = error_leaves(error)
-        more = f" (and {len(leaves) - 1} more)" if len(leaves) > 1 else ""
-        return describe_error(leaves[0]) + more
-    if isinstance(error, BaseException):
-        return f"{type(error).__name__}: {error}"
-    return str(error)
-
-
-def error_leaves(error: BaseException) -> list[BaseException]:
-    """The exceptions in *error*, a group or not, groups within groups flattened."""
-    if isinstance(error, BaseExceptionGroup):
-        return [leaf for inner in error.exceptions for leaf in error_leaves(inner)]
-    return [error]

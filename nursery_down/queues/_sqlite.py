@@ -23,6 +23,7 @@ from .._exceptions import (
     QueueError,
     QueueLockedError,
     QueueUnwritableError,
+    describe_error,
 )
 from .._validate import is_count, require_seconds
 from ._holders import (
@@ -35,7 +36,7 @@ from ._holders import (
     process_alive,
     process_token,
 )
-from ._source import DeadJob, QueuedJob, QueueStatistics, describe_error
+from ._source import DeadJob, QueuedJob, QueueStatistics
 from ._writer import GroupWriter
 
 T = TypeVar("T")
