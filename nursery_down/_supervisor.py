@@ -475,8 +475,10 @@ class Supervisor:
     async def escalate(self, name: str | None = None, *, actor: str = "code") -> None:
         """Hard-cancel in-flight jobs now: move the grace deadline to the present.
 
-        A service (or app) that was not draining begins a drain with no grace. A
-        service that is not running is left alone.
+        A service (or app) that was not draining begins a drain with no grace, and
+        stays stopped as after :meth:`drain`. One already draining only has its drain
+        hurried: what was to follow still does (a restart under way starts it again).
+        A service that is not running is left alone.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         self.escalate_nowait(name, actor=actor)
@@ -497,7 +499,8 @@ class Supervisor:
         self._require_running()
         self._action("escalate", name, actor)
         if record.state in ACTIVE_STATES:
-            record.held = True
+            if record.state is not S.DRAINING:
+                record.held = True
             self._services.drain(record, trio.current_time())
 
     async def extend_grace(

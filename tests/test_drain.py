@@ -179,6 +179,27 @@ async def test_escalate_without_a_drain_drains_with_no_grace(
     assert sup.exit_code == nd.EXIT_HARD_CANCELLED
 
 
+@pytest.mark.parametrize("every_service", [False, True], ids=["one service", "every service"])
+async def test_escalate_during_a_restart_cuts_the_jobs_and_the_restart_goes_on(
+    autojump_clock: trio.testing.MockClock, every_service: bool
+) -> None:
+    sup = nd.Supervisor("hurried", grace=30.0)
+    job_service(sup, [50.0])
+    async with nd.open_supervisor(sup):
+        await trio.sleep(1)
+        await (sup.restart() if every_service else sup.restart("work"))
+        await sup.wait_state("work", S.DRAINING)
+        await trio.sleep(1)
+        await sup.escalate("work")
+        with trio.fail_after(10):  # not started again: a hang of the mock clock
+            await sup.wait_state("work", S.RUNNING)
+        assert trio.current_time() == 2.0
+        service = sup.snapshot()["services"][0]
+        assert (service["restarts"], service["hard_cancelled"]) == (1, 1)
+        await sup.drain()
+    assert sup.exit_code == nd.EXIT_HARD_CANCELLED
+
+
 async def test_job_is_shielded_from_a_crashing_sibling_task(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -952,8 +952,14 @@ class LifecycleMachine(RuleBasedStateMachine):
                 if event.detail.get("after_start_up"):
                     deferred = True
                 target = event.service
-                if target in held and event.detail.get("action") in ("drain", "escalate"):
+                action = event.detail.get("action")
+                if target in held and action == "drain":
                     held[target] = held[target] or S(states[target]) in ACTIVE
+                elif target in held and action == "escalate":
+                    # An escalate only hurries a drain under way (a restart's goes on).
+                    held[target] = held[target] or (
+                        S(states[target]) in ACTIVE and states[target] != "draining"
+                    )
             elif event.kind == "state":
                 name = event.service or ""
                 assert event.previous == states[name], f"{name}: broken chain at {event}"
