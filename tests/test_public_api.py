@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.metadata
 import inspect
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +38,17 @@ def test_the_core_imports_no_web_stack() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_core_needs_nothing_that_trio_does_not_bring() -> None:
+    def names(distribution: str) -> set[str]:
+        requirements = importlib.metadata.requires(distribution) or []
+        core = (r for r in requirements if "extra ==" not in r)
+        return {re.split(r"[^A-Za-z0-9_.-]", r, maxsplit=1)[0].lower() for r in core}
+
+    core = names("nursery-down")
+    assert core == {"trio", "outcome"}
+    assert core - {"trio"} <= names("trio")
 
 
 def test_dashboard_ships_as_a_subpackage() -> None:
