@@ -217,8 +217,12 @@ class FleetMember:
         snapshot = supervisor.snapshot(max_jobs=REPORT_JOBS)
         queues = []
         for source in self._sources:
+            if getattr(source, "closed", False) is True:
+                continue  # closed by the service that owns it: never opened again here
             try:
                 figures = await source.statistics()
+            except trio.ClosedResourceError:
+                continue  # closed while its figures were read
             except NurseryDownError as exc:
                 queues.append({"name": source.name, "error": printable(str(exc))})
             else:

@@ -276,6 +276,24 @@ def test_the_fleet_page_drains_one_process_of_two(tmp_path: Path, postgres_dsn: 
     assert TOKEN  # the workers share the operator token
 
 
+def test_a_process_whose_service_closed_its_queue_still_exits_0(
+    tmp_path: Path, postgres_dsn: str
+) -> None:
+    # The fleet's last report comes after the queue's owner closed it: the report
+    # leaves that queue out rather than reading it.
+    target = str(Path(__file__).resolve().parent / "programs" / "fleet_queue_owner.py") + ":sup"
+    env = {"FLEET_DSN": postgres_dsn, "NURSERY_DOWN_FLEET_INTERVAL": INTERVAL}
+    with run_program(tmp_path, target=target, **env) as program:
+        wait_for(
+            lambda: [p["state"] for p in fleet(program)] == ["running"],
+            what="the process running in the fleet",
+            process=program.process,
+        )
+        code, _ = program.terminate()
+    assert code == 0, program.stderr()
+    assert "Traceback" not in program.stderr()
+
+
 def test_a_process_in_no_fleet_says_how_to_join_one(tmp_path: Path) -> None:
     with run_program(tmp_path) as program:
         for method, path in (("GET", "/api/fleet"), ("POST", "/api/fleet/processes/x/drain")):
