@@ -435,7 +435,8 @@ class FleetMember:
         except Exception as exc:
             close_quietly(connection)
             raise FleetUnavailableError(
-                f"the fleet database at {self._where} cannot be reached ({first_line(exc)})"
+                f"the fleet database at {self._where} cannot be reached "
+                f"({first_line(exc, self._database.dsn)})"
             ) from None
         handoff.give(connection)
 

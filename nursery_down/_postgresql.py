@@ -13,7 +13,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import threading
+import urllib.parse
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -59,10 +61,42 @@ def describe_dsn(dsn: str) -> str:
     return f"{where}/{dbname}" if dbname else where
 
 
-def first_line(exc: BaseException) -> str:
-    """The first line of *exc*'s message, printable (a server's message goes to logs)."""
-    lines = str(exc).strip().splitlines()
+def first_line(exc: BaseException, dsn: str) -> str:
+    """The first line of *exc*'s message, printable and without *dsn*'s password (a
+    server's message goes to logs, and libpq quotes the parts of a DSN it cannot parse)."""
+    lines = hide_password(str(exc), dsn).strip().splitlines()
     return printable(lines[0] if lines else type(exc).__name__)
+
+
+# The user information of a URI DSN. A password with an "@" of its own that was not
+# percent-encoded is read by libpq up to its first "@": both readings are hidden.
+_URI_USERINFO = (
+    re.compile(r"\s*postgres(?:ql)?://([^@]*)@", re.IGNORECASE),
+    re.compile(r"\s*postgres(?:ql)?://(.*)@", re.IGNORECASE | re.DOTALL),
+)
+# A password given as a keyword (password=...) or as a URI query parameter.
+_PASSWORD_KEYWORD = re.compile(r"password\s*=\s*('(?:[^'\\]|\\.)*'|[^\s&]+)", re.IGNORECASE)
+
+
+def hide_password(text: str, dsn: str) -> str:
+    """*text* with every form of *dsn*'s password in it replaced by ``***``.
+
+    Works on a DSN that does not parse too (its password is found by its place), as
+    the messages about such a DSN are the ones that quote it.
+    """
+    found = []
+    for pattern in _URI_USERINFO:
+        userinfo = pattern.match(dsn)
+        if userinfo is not None and ":" in userinfo.group(1):
+            found.append(userinfo.group(1).split(":", 1)[1])
+    for value in _PASSWORD_KEYWORD.findall(dsn):
+        found.append(value)
+        if value.startswith("'"):
+            found.append(re.sub(r"\\(.)", r"\1", value[1:-1]))
+    secrets = {form for secret in found for form in (secret, urllib.parse.unquote(secret))}
+    for secret in sorted(secrets - {""}, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
 
 
 def printable(text: str) -> str:
@@ -146,7 +180,7 @@ class OneConnection:
     def _unreachable(self, exc: BaseException) -> str:
         return (
             f"the {self._purpose} database at {self.where} cannot be reached "
-            f"({first_line(exc)}); check that PostgreSQL runs there and that this host "
+            f"({first_line(exc, self.dsn)}); check that PostgreSQL runs there and that this host "
             "may connect"
         )
 
@@ -179,7 +213,8 @@ class OneConnection:
             else:
                 result = outcome.Error(
                     self._error(
-                        f"the {self._purpose} database at {self.where}: {first_line(error)}"
+                        f"the {self._purpose} database at {self.where}: "
+                        f"{first_line(error, self.dsn)}"
                     )
                 )
         handoff.give(connection)

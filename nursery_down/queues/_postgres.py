@@ -746,7 +746,7 @@ class PostgresQueue:
                         "PostgresQueue %s: lost the listening connection (%s); claims poll "
                         "every %g s until it is back",
                         self.name,
-                        first_line(exc),
+                        first_line(exc, self.dsn),
                         self.poll_interval,
                     )
             finally:
@@ -777,14 +777,14 @@ class PostgresQueue:
                     raise self._unavailable(exc) from None
             except psycopg.Error as exc:
                 raise QueueError(
-                    f"PostgreSQL queue {self.name!r} at {self._where}: {first_line(exc)}"
+                    f"PostgreSQL queue {self.name!r} at {self._where}: {first_line(exc, self.dsn)}"
                 ) from None
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _unavailable(self, exc: BaseException) -> QueueUnavailableError:
         return QueueUnavailableError(
             f"cannot reach the PostgreSQL server of queue {self.name!r} at {self._where} "
-            f"({first_line(exc)}); check that the server runs and accepts connections "
+            f"({first_line(exc, self.dsn)}); check that the server runs and accepts connections "
             "from this host, and that the DSN's host, port, database, user and password "
             "are right"
         )
@@ -802,8 +802,8 @@ class PostgresQueue:
             raise self._unavailable(exc) from None
         except psycopg.ProgrammingError as exc:
             raise ConfigurationError(
-                f"invalid PostgreSQL DSN for queue {self.name!r}: {first_line(exc)}; write it "
-                "as 'postgresql://user:password@host:port/dbname' or 'host=... dbname=...'"
+                f"invalid PostgreSQL DSN for queue {self.name!r}: {first_line(exc, self.dsn)}; "
+                "write it as 'postgresql://user:password@host:port/dbname' or 'host=... dbname=...'"
             ) from None
         try:
             with connection:
@@ -811,7 +811,7 @@ class PostgresQueue:
         except psycopg.Error as exc:
             raise QueueError(
                 f"cannot set up PostgreSQL queue {self.name!r} at {self._where}: "
-                f"{first_line(exc)}; check that the user may create tables in the "
+                f"{first_line(exc, self.dsn)}; check that the user may create tables in the "
                 "connection's schema"
             ) from None
         pool = psycopg_pool.ConnectionPool(

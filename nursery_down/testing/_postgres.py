@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .._exceptions import NoPostgresError
+from .._postgresql import describe_dsn, first_line
 
 #: A DSN of a server to use instead of a throwaway cluster (it must allow CREATE DATABASE).
 DSN_ENV = "NURSERY_DOWN_TEST_POSTGRES"
@@ -160,7 +161,9 @@ def start_postgres(*, fsync: bool = False) -> PostgresServer:
         try:
             psycopg.connect(dsn, connect_timeout=5).close()
         except psycopg.Error as exc:
-            raise NoPostgresError(f"${DSN_ENV} ({dsn!r}) cannot be reached: {exc}") from None
+            raise NoPostgresError(
+                f"${DSN_ENV} ({describe_dsn(dsn)}) cannot be reached: {first_line(exc, dsn)}"
+            ) from None
         return PostgresServer(dsn)
     bindir = find_bindir()
     if bindir is None:
