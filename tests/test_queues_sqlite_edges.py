@@ -1075,3 +1075,69 @@ async def test_a_process_ending_with_its_writer_mid_transaction_leaves_the_file_
     async with SQLiteQueue(db) as queue:
         assert await queue.statistics() == stats(queued=10 + batch)
     assert_history_whole(db)
+
+
+# -- a settle that could not be written ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("action", ["ack", "release", "fail"])
+async def test_a_job_whose_settle_could_not_be_written_is_claimed_again(
+    db: Path, action: str
+) -> None:
+    async with SQLiteQueue(db, busy_timeout=0.05) as queue:
+        await queue.put("work")
+        job = await queue.claim()
+        assert job is not None
+        settles: dict[str, Callable[[], Awaitable[None]]] = {
+            "ack": lambda: queue.ack(job),
+            "release": lambda: queue.release(job),
+            "fail": lambda: queue.fail(job, "boom"),
+        }
+        settle = settles[action]
+        with write_lock_held(db), pytest.raises(QueueLockedError):
+            await settle()
+        with trio.fail_after(PATIENCE):
+            again = await queue.claim()  # not after the recovery interval: at once
+        assert again is not None
+        assert (again.id, again.payload, again.attempts) == (job.id, "work", 0)
+        with pytest.raises(NotLeasedError):  # the first handle settles nothing more
+            await queue.ack(job)
+        await queue.ack(again)
+        assert await queue.statistics() == stats(done=1)
+    events = query(db, "SELECT event, detail FROM history WHERE job_id = ? ORDER BY seq", job.id)
+    assert events == [
+        ("enqueue", None),
+        ("claim", None),
+        ("release", "its settle could not be written"),
+        ("claim", None),
+        ("ack", None),
+    ]
+
+
+async def test_a_pool_whose_ack_could_not_be_written_runs_the_job_again(db: Path) -> None:
+    queue = SQLiteQueue(db, busy_timeout=0.05)
+    runs: list[int] = []
+    ran = [trio.Event(), trio.Event()]
+    proceed = trio.Event()
+
+    async def handle(job: QueuedJob) -> None:
+        runs.append(job.id)
+        ran[len(runs) - 1].set()
+        await proceed.wait()
+
+    sup = nd.Supervisor("stranded", max_restarts=1000)
+    sup.add(nd.worker_pool(queue, handle, workers=2), name="pool")
+    async with queue, nd.open_supervisor(sup):
+        with sup.subscribe() as events, trio.fail_after(PATIENCE):
+            await queue.put("work")
+            await ran[0].wait()
+            with write_lock_held(db):
+                proceed.set()  # the job finishes; its ack finds the file locked
+                async for event in events:
+                    if event.kind == "state" and event.state == "backoff":
+                        break  # the pool crashed on it
+            await ran[1].wait()  # claimed again by the restarted pool
+            await sup.drain()
+            await sup.wait_finished()  # once its ack is written
+        assert await queue.statistics() == stats(done=1)
+    assert runs == [1, 1]

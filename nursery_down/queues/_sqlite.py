@@ -237,6 +237,10 @@ class SQLiteQueue:
         # earlier claim of the same id (before a close, or before a failed attempt)
         # can never settle the claim that holds the job now.
         self._claims: dict[int, QueuedJob] = {}
+        # The ids of jobs leased through this object whose last settle could not be
+        # written (the file locked, the disk full): the next recovery pass puts back
+        # those still leased. Added to on the trio thread, taken from in the writer's.
+        self._orphans: set[int] = set()
 
     # -- opening and closing ------------------------------------------------------------
 
@@ -271,6 +275,7 @@ class SQLiteQueue:
                 # A new owner: a lease taken before the close is fenced off for good.
                 self._owner = new_owner()
                 self._claims.clear()
+                self._orphans.clear()  # the close gave back every lease of the old owner
                 self._closed = False
             self._pid = os.getpid()
             self._token = process_token(self._pid) or ""
@@ -543,6 +548,15 @@ class SQLiteQueue:
             except NotLeasedError:
                 self._spend(job)
                 raise
+            except Exception:
+                # Not written (the file locked, the disk full). The handle may settle
+                # it again, but a caller that moved on (a worker pool crashed on the
+                # error) never will, and the lease of a live process is never taken
+                # back: the next claim puts the job back unless it was settled by then.
+                self._orphans.add(job.id)
+                self._next_recovery = -math.inf
+                raise
+            self._orphans.discard(job.id)
             self._spend(job)
 
     def _spend(self, job: QueuedJob) -> None:
@@ -798,6 +812,20 @@ class SQLiteQueue:
             gone.setdefault((pid, token), []).append(owner)
         holder = "lease_pid IS ? AND lease_token IS ? AND lease_owner IS ?"
         recovered = 0
+        orphans = tuple(self._orphans)
+        if orphans:  # jobs of this object whose settle could not be written
+            self._orphans.difference_update(orphans)
+            for start in range(0, len(orphans), _IDS_A_STATEMENT):
+                chunk = orphans[start : start + _IDS_A_STATEMENT]
+                recovered += len(
+                    self._requeue_leased(
+                        connection,
+                        f"lease_owner IS ? AND id IN ({', '.join('?' * len(chunk))})",
+                        (self._owner, *chunk),
+                        "release",
+                        "its settle could not be written",
+                    )
+                )
         for owner in closed:  # queues of this process closed without releasing them
             recovered += len(
                 self._requeue_leased(
