@@ -7,6 +7,7 @@ HTTP server in a thread, which serves whatever the first segment of the path nam
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -190,3 +191,31 @@ def test_a_path_in_the_url_is_kept(
         ("GET", "/ops/api/snapshot", "Bearer from-the-url"),
         ("POST", "/ops/api/services/workers/drain", "Bearer t2"),
     ]
+
+
+def test_without_url_the_commands_go_to_port_8080_of_this_host(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    try:
+        with socket.create_connection(("127.0.0.1", 8080), timeout=TIMEOUT):
+            pass
+    except ConnectionRefusedError:
+        pass
+    else:
+        pytest.skip("something listens on 127.0.0.1:8080, the default address")
+    for command in (("status",), ("drain",), ("extend-grace", "5")):
+        result = run_cli(capsys, *command, "--token", "t")
+        assert_one_line_error(*result, "cannot reach http://127.0.0.1:8080: ")
+
+
+def test_without_url_the_commands_go_to_nursery_down_url(
+    capsys: pytest.CaptureFixture[str],
+    server: tuple[str, list[tuple[str, str, str]]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    url, seen = server
+    monkeypatch.setenv("NURSERY_DOWN_URL", f"{url}/ops")
+    code, out, err = run_cli(capsys, "status", "--token", "t")
+    assert code == 0, err
+    assert out.splitlines()[0] == "shop (pid 4321): running"
+    assert seen == [("GET", "/ops/api/snapshot", "Bearer t")]

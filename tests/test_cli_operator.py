@@ -8,8 +8,11 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,29 +24,39 @@ TOKEN = "operator-test-token-0123456789"
 pytestmark = pytest.mark.subprocess
 
 
-@pytest.fixture(scope="module")
-def program_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    log = tmp_path_factory.mktemp("operator") / "program.log"
-    env = {**os.environ, "NURSERY_DOWN_TOKEN": TOKEN, "DASHBOARD_APP_JOB": "0.2,0.5"}
+@contextmanager
+def running_program(
+    log: Path, *, grace: str = "5", **env: str
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """The program with its dashboard on a free port (and *grace*, *env*): the process
+    and the dashboard's URL once it printed it. Killed at the end if still running."""
+    environment = {**os.environ, "NURSERY_DOWN_TOKEN": TOKEN, **env}
     with log.open("wb") as output:
         program = subprocess.Popen(
             [
                 *(sys.executable, "-m", "nursery_down", "run", f"{PROGRAM}:sup"),
-                *("--dashboard", "127.0.0.1:0", "--grace", "5"),
+                *("--dashboard", "127.0.0.1:0", "--grace", grace),
             ],
             stdout=output,
             stderr=subprocess.STDOUT,
-            env=env,
+            env=environment,
         )
     try:
         match = wait_for_line(log, r"dashboard: (http://127\.0\.0\.1:\d+)/", process=program)
-        yield match.group(1)
-        program.send_signal(signal.SIGTERM)
-        assert program.wait(timeout=20) in (0, 3)
+        yield program, match.group(1)
     finally:
         if program.poll() is None:
             program.kill()
             program.wait()
+
+
+@pytest.fixture(scope="module")
+def program_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    log = tmp_path_factory.mktemp("operator") / "program.log"
+    with running_program(log, DASHBOARD_APP_JOB="0.2,0.5") as (program, url):
+        yield url
+        program.send_signal(signal.SIGTERM)
+        assert program.wait(timeout=20) in (0, 3)
 
 
 def cli(*args: str, token: str | None = TOKEN) -> subprocess.CompletedProcess[str]:
@@ -129,3 +142,125 @@ def test_a_wrong_url_is_one_line_and_exit_2() -> None:
     bad = cli("status", "--url", "ftp://example")
     assert bad.returncode == 2
     assert "not an http(s) URL" in bad.stderr
+
+
+# -- the actions that succeed, each against a program of its own -------------------------
+
+#: Jobs that outlast every test: whatever a drain does to them, it does at its deadline.
+LONG_JOBS = {"DASHBOARD_APP_JOB": "60,60", "DASHBOARD_APP_WORKERS": "2"}
+#: Every wait on a program of its own has this bound.
+PATIENCE = 20.0
+
+
+def snapshot_of(url: str) -> dict[str, Any]:
+    result = cli("status", "--url", url, "--json")
+    assert result.returncode == 0, result.stderr
+    snapshot: dict[str, Any] = json.loads(result.stdout)
+    return snapshot
+
+
+def service_of(snapshot: dict[str, Any], name: str) -> dict[str, Any]:
+    service: dict[str, Any] = next(s for s in snapshot["services"] if s["name"] == name)
+    return service
+
+
+def wait_for_jobs(url: str, *names: str) -> None:
+    """Wait until each service in *names* has a job in flight."""
+    wait_for(
+        lambda: all(service_of(snapshot_of(url), name)["in_flight"] for name in names),
+        PATIENCE,
+        f"jobs in flight in {', '.join(names)}",
+    )
+
+
+def stop_at_once(program: subprocess.Popen[bytes], url: str) -> int:
+    """Escalate the whole app (its long jobs are cut): the program's exit code."""
+    result = cli("escalate", "--url", url)
+    assert result.returncode == 0, result.stderr
+    return program.wait(timeout=PATIENCE)
+
+
+def test_drain_without_a_service_drains_the_whole_app(tmp_path: Path) -> None:
+    log = tmp_path / "program.log"
+    with running_program(log, DASHBOARD_APP_JOB="0.2,0.5") as (program, url):
+        wait_for_jobs(url, "workers")
+        result = cli("drain", "--url", url)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith(f"shop (pid {program.pid}): draining\n"), result.stdout
+        # Every job is short: each finishes within the grace, and the program exits 0.
+        assert program.wait(timeout=PATIENCE) == 0, log.read_text()
+    output = log.read_text()
+    assert re.search(
+        r"drain of the whole app by api 127\.0\.0\.1: 3 services, .* exit code 0", output
+    )
+
+
+def test_drain_with_grace_drains_the_whole_app_under_that_grace(tmp_path: Path) -> None:
+    log = tmp_path / "program.log"
+    with running_program(log, **LONG_JOBS) as (program, url):
+        wait_for_jobs(url, "workers", "mailer")
+        result = cli("drain", "--grace", "1", "--url", url, "--json")
+        assert result.returncode == 0, result.stderr
+        snapshot = json.loads(result.stdout)
+        assert (snapshot["state"], snapshot["draining"]) == ("draining", True)
+        # The program's own grace is 5 s: the deadline is the 1 s asked for.
+        assert snapshot["grace_deadline"] <= time.time() + 1.0
+        assert program.wait(timeout=PATIENCE) == 3, log.read_text()
+    assert re.search(
+        r"drain of the whole app by api .* of the 1 s grace, exit code 3", log.read_text()
+    )
+
+
+def test_restart_without_a_service_restarts_every_service(tmp_path: Path) -> None:
+    log = tmp_path / "program.log"
+    with running_program(log, DASHBOARD_APP_JOB="0.2,0.5") as (program, url):
+        wait_for_line(log, "every service started", process=program)
+        result = cli("restart", "--url", url)
+        assert result.returncode == 0, result.stderr
+        wait_for_line(log, "every service restarted", PATIENCE, process=program)
+        services = snapshot_of(url)["services"]
+        assert {s["name"]: (s["state"], s["restarts"]) for s in services} == dict.fromkeys(
+            ("intake", "workers", "mailer"), ("running", 1)
+        )
+        program.send_signal(signal.SIGTERM)
+        assert program.wait(timeout=PATIENCE) == 0, log.read_text()
+
+
+def test_escalate_one_service_stops_it_and_counts_its_cut_job(tmp_path: Path) -> None:
+    log = tmp_path / "program.log"
+    with running_program(log, **LONG_JOBS) as (program, url):
+        wait_for_jobs(url, "workers", "mailer")
+        result = cli("escalate", "mailer", "--url", url)
+        assert result.returncode == 0, result.stderr
+        wait_for(
+            lambda: service_of(snapshot_of(url), "mailer")["state"] == "stopped",
+            PATIENCE,
+            "mailer to stop",
+        )
+        snapshot = snapshot_of(url)
+        mailer = service_of(snapshot, "mailer")
+        assert (mailer["in_flight"], mailer["hard_cancelled"]) == (0, 1), mailer
+        workers = service_of(snapshot, "workers")
+        assert (workers["state"], workers["hard_cancelled"]) == ("running", 0), workers
+        table = cli("status", "mailer", "--url", url).stdout
+        assert re.search(r"^mailer\s+STOPPED\s+0\s+-\s+0\s+0\s+1\s", table, re.MULTILINE), table
+        assert stop_at_once(program, url) == 3
+
+
+def test_extend_grace_moves_a_draining_services_deadline_later(tmp_path: Path) -> None:
+    log = tmp_path / "program.log"
+    with running_program(log, grace="30", **LONG_JOBS) as (program, url):
+        wait_for_jobs(url, "mailer")
+        drained = cli("drain", "mailer", "--url", url, "--json")
+        assert drained.returncode == 0, drained.stderr
+        (job,) = service_of(json.loads(drained.stdout), "mailer")["jobs"]
+        before = job["time_left"]
+        assert 0 < before <= 30.0, job
+        result = cli("extend-grace", "100", "mailer", "--url", url, "--json")
+        assert result.returncode == 0, result.stderr
+        mailer = service_of(json.loads(result.stdout), "mailer")
+        assert mailer["state"] == "draining", mailer
+        (job,) = mailer["jobs"]
+        # 100 s later, less the few seconds at most between the two answers.
+        assert before + 90.0 < job["time_left"] <= before + 100.0, (before, job)
+        assert stop_at_once(program, url) == 3

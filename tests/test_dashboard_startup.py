@@ -8,11 +8,12 @@ the whole app stays in start-up, with ``workers`` and ``mailer`` not started yet
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
 
-from tests.dashboard_helpers import PATIENCE, Program, http, run_program
+from tests.dashboard_helpers import PATIENCE, Program, http, read_response, run_program
 from tests.polling import wait_for, wait_for_line
 
 pytestmark = pytest.mark.subprocess
@@ -62,3 +63,33 @@ def test_a_drain_during_start_up_exits_at_once(tmp_path: Path) -> None:
         # The starting service took no work: its start is called off, not waited out.
         assert program.process.wait(PATIENCE) == 0, program.stderr()
     assert "intake: draining -> stopped" in program.stderr()
+
+
+def status_for_host(program: Program, host: str) -> int:
+    """The status of ``GET /api/snapshot`` (with the token) sent with *host* as its Host."""
+    request = (
+        f"GET /api/snapshot HTTP/1.1\r\nHost: {host}\r\n"
+        f"Authorization: Bearer {program.token}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", program.port), timeout=PATIENCE) as sock:
+        sock.sendall(request)
+        status, _, _ = read_response(sock)
+    return status
+
+
+def test_names_in_nursery_down_allowed_hosts_are_answered_and_others_refused(
+    tmp_path: Path,
+) -> None:
+    allowed = "ops.example.com, Proxy.Example.net:9000"
+    with run_program(tmp_path, NURSERY_DOWN_ALLOWED_HOSTS=allowed) as program:
+        for host in (
+            "ops.example.com",
+            f"ops.example.com:{program.port}",
+            "proxy.example.net:9000",
+        ):
+            assert status_for_host(program, host) == 200, host
+        for host in ("ops.example.org", f"evil.example:{program.port}"):
+            assert status_for_host(program, host) == 421, host
+        assert status_for_host(program, program.host) == 200
+        code, _ = program.terminate()
+        assert code == 0, program.stderr()

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,9 +25,11 @@ import trio.testing
 
 import nursery_down as nd
 from nursery_down._notify import Notifier, monotonic_usec, status_line, watchdog_interval
+from tests.polling import wait_for_line
 
 #: Bound on every test.
 LIMIT = 10.0
+PROGRAM = Path(__file__).resolve().parent / "programs" / "notify_app.py"
 
 
 @pytest.fixture
@@ -276,3 +281,39 @@ async def test_a_missing_socket_costs_one_warning(
     assert sup.exit_code == nd.EXIT_OK
     warnings = [r for r in caplog.records if "cannot notify" in r.getMessage()]
     assert len(warnings) == 1
+
+
+def run_program_until_sigterm(directory: Path, notify: str) -> str:
+    """Run ``notify_app.py`` with ``NOTIFY_APP=notify`` until every service
+    started, then SIGTERM it; it must exit 0. Its output."""
+    log = directory / f"output-{notify}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NURSERY_DOWN_")}
+    env["NOTIFY_APP"] = notify
+    with log.open("wb") as output:
+        program = subprocess.Popen(
+            [sys.executable, str(PROGRAM)],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for_line(log, "every service started", LIMIT, process=program)
+        program.send_signal(signal.SIGTERM)
+        assert program.wait(timeout=LIMIT) == 0, log.read_text()
+    finally:
+        if program.poll() is None:
+            program.kill()
+            program.wait(LIMIT)
+    return log.read_text()
+
+
+@pytest.mark.subprocess
+def test_nd_run_with_notify_false_sends_no_datagram(manager: socket.socket, tmp_path: Path) -> None:
+    run_program_until_sigterm(tmp_path, "off")
+    # Every datagram is sent before the process exits: what it sent is queued by now.
+    assert received(manager) == []
+    output = run_program_until_sigterm(tmp_path, "default")
+    protocol = [keys(message) for message in received(manager)]
+    assert ["READY", "STATUS"] in protocol, output
+    assert any("STOPPING" in message for message in protocol), output

@@ -53,6 +53,7 @@ from tests.dashboard_helpers import (
     URL_LINE,
     read_response,
     request_bytes,
+    run_program,
 )
 from tests.dashboard_helpers import http as dashboard_http
 from tests.polling import wait_for, wait_for_line
@@ -160,6 +161,7 @@ class App:
         notify_socket: str | None = None,
         hold: bool = False,
         prefix: tuple[str, ...] = (),
+        command: tuple[str, ...] = (sys.executable, str(PROGRAM)),
     ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.log_path = directory / "stderr"
@@ -202,7 +204,7 @@ class App:
         self.given_token = token
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
-                [*prefix, sys.executable, str(PROGRAM)],
+                [*prefix, *command],
                 env=env,
                 cwd=directory,
                 stdin=subprocess.DEVNULL,
@@ -1038,6 +1040,113 @@ def test_a_keep_alive_client_of_the_old_generation_finishes_its_request(
         old.wait(PATIENCE)
         if new is not None:
             App._reap_blocking(new)
+
+
+ON_HUP_PROGRAM = PROGRAM.parent / "upgrade_on_hup_app.py"
+
+
+def on_hup_upgrade_command(how: str, pid_file: Path) -> tuple[str, ...]:
+    """The command line of the program with SIGHUP set to upgrade, and *pid_file*."""
+    if how == "nursery-down run":
+        return (
+            *(sys.executable, "-m", "nursery_down", "run", f"{PROGRAM}:sup"),
+            *("--on-hup", "upgrade", "--pid-file", str(pid_file)),
+            *("--dashboard", "127.0.0.1:0"),
+        )
+    return (sys.executable, str(ON_HUP_PROGRAM), str(pid_file))
+
+
+@pytest.mark.parametrize("how", ["nursery-down run", "nd.run"])
+def test_sighup_upgrades_when_asked_and_the_pid_file_names_the_running_generation(
+    launch: Callable[..., App], tmp_path: Path, how: str
+) -> None:
+    pid_file = tmp_path / "app.pid"
+    app = launch(command=on_hup_upgrade_command(how, pid_file))
+    old = app.first
+    assert pid_file.read_text() == f"{old}\n"
+    app.set_generation("2")
+    app.signal(old, signal.SIGHUP)
+    new = app.wait_started(1)
+    assert new != old
+    app.wait_log(ready_line(new), watch=new)
+    # Replaced once the new generation is ready, before the old one exits.
+    assert pid_file.read_text() == f"{new}\n"
+    assert app.exit_code(old) == 0, app.describe()
+    app.wait_log(exited_line(old), watch=new)
+    assert pid_file.read_text() == f"{new}\n"  # the old one left it to its successor
+    assert ask(app.port) == (new, "2")
+    assert "every service restarted" not in app.log(), app.describe()
+    app.terminate(new)
+    assert not pid_file.exists()
+
+
+def test_an_upgrade_is_refused_while_the_previous_generation_still_drains(
+    launch: Callable[..., App],
+) -> None:
+    app = launch(hold=True)  # the job held-1 holds the first generation's drain
+    old = app.first
+    app.set_generation("2")
+    status, body = app.upgrade_by_api()
+    assert status == 202, body
+    new = body["upgraded_to"]
+    app.wait("the new generation's dashboard", lambda: app.snapshot_pid() == new, watch=new)
+
+    refused = f"cannot upgrade yet: the previous generation (pid {old}) is still draining"
+    assert app.upgrade_by_api() == (409, {"error": refused})
+    app.signal(new, signal.SIGUSR2)
+    app.wait_log(f"signal SIGUSR2: {refused}", watch=new)
+    assert app.started() == [new], app.describe()
+    assert running(old), app.describe()
+
+    # Once it exited, the same upgrade goes ahead.
+    app.release_held_jobs()
+    assert app.exit_code(old) == 0, app.describe()
+    app.wait_log(exited_line(old), watch=new)
+    app.set_generation("3")
+    status, body = app.upgrade_by_api()
+    assert status == 202, body
+    newer = body["upgraded_to"]
+    assert app.exit_code(new) == 0, app.describe()
+    assert ask(app.port) == (newer, "3")
+    app.terminate(newer)
+
+
+def test_an_upgrade_is_refused_while_the_app_is_starting_or_draining(tmp_path: Path) -> None:
+    ready_file = tmp_path / "intake-ready"
+    with run_program(
+        tmp_path,
+        DASHBOARD_APP_READY_FILE=str(ready_file),
+        DASHBOARD_APP_JOB="60,60",
+        DASHBOARD_APP_WORKERS="1",
+    ) as program:
+
+        def upgrade() -> tuple[int, Any]:
+            status, _, body = dashboard_http(
+                program.port, "POST", "/api/upgrade", token=program.token
+            )
+            return status, json.loads(body)
+
+        wait_for(lambda: program.snapshot()["state"] == "starting", PATIENCE, "start-up")
+        starting = "cannot upgrade while the app is starting: wait until it runs"
+        assert upgrade() == (409, {"error": starting})
+        program.process.send_signal(signal.SIGUSR2)
+        wait_for_line(program.stderr_path, f"signal SIGUSR2: {starting}", PATIENCE)
+
+        ready_file.touch()
+        wait_for_line(program.stderr_path, "every service started", PATIENCE)
+        wait_for(lambda: program.service("mailer")["in_flight"], PATIENCE, "mailer's job")
+        status, _, body = dashboard_http(program.port, "POST", "/api/drain", token=program.token)
+        assert status == 202, body
+        assert program.snapshot()["state"] == "draining"
+        draining = "cannot upgrade while the app is draining: wait until it runs"
+        assert upgrade() == (409, {"error": draining})
+        program.process.send_signal(signal.SIGUSR2)
+        wait_for_line(program.stderr_path, f"signal SIGUSR2: {draining}", PATIENCE)
+
+        status, _, body = dashboard_http(program.port, "POST", "/api/escalate", token=program.token)
+        assert status == 202, body
+        assert program.process.wait(PATIENCE) == 3, program.stderr()
+    assert "started the new generation" not in program.stderr()
 
 
 # -- found by these tests, now fixed -------------------------------------------------------
