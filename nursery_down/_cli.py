@@ -6,6 +6,7 @@ import argparse
 import importlib
 import importlib.util
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -15,6 +16,11 @@ from typing import Any, NoReturn
 from ._exceptions import ConfigurationError
 from ._reports import format_drain_report
 from ._supervisor import EXIT_USAGE, Supervisor
+from ._upgrade import DEFAULT_TIMEOUT as DEFAULT_UPGRADE_TIMEOUT
+
+#: Seconds `nursery-down upgrade` waits beyond the program's upgrade timeout: a new
+#: generation that gave up has that long to drain and be reaped before the answer.
+UPGRADE_ANSWER_MARGIN = 30.0
 
 
 class _Parser(argparse.ArgumentParser):
@@ -87,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--upgrade-timeout",
         type=_positive_seconds,
         metavar="S",
-        default=60.0,
+        default=DEFAULT_UPGRADE_TIMEOUT,
         help="seconds the new generation has to be ready at an upgrade (default 60)",
     )
     run.add_argument(
@@ -370,8 +376,13 @@ def _operate(args: argparse.Namespace) -> int:
                 known = ", ".join(s["name"] for s in snapshot["services"])
                 raise ClientError(f"unknown service {args.service!r}; known services: {known}")
         elif args.command == "upgrade":
-            # Waits until the new generation is ready (or failed): up to its timeout.
-            client.timeout = max(client.timeout, 90.0)
+            # The answer comes once the new generation is ready or failed: within the
+            # program's upgrade timeout, and the time to reap a generation that gave up.
+            limit = client.snapshot().get("upgrade_timeout")
+            if isinstance(limit, int | float) and math.isfinite(limit):
+                client.timeout = max(client.timeout, limit + UPGRADE_ANSWER_MARGIN)
+            else:  # a program that cannot upgrade answers at once
+                client.timeout = max(client.timeout, DEFAULT_UPGRADE_TIMEOUT)
             snapshot = client.action("upgrade")
             print(  # noqa: T201
                 f"upgraded: the new generation (pid {snapshot.get('upgraded_to')}) is ready; "

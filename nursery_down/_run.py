@@ -112,6 +112,7 @@ async def open_supervisor(
         )
         supervisor._upgrade = upgrader.upgrade
         supervisor._previous_generation = upgrader.previous_generation
+        supervisor._upgrade_timeout = upgrader.timeout
     member = None
     database = fleet_database(supervisor, fleet)
     if database is not None:
@@ -123,7 +124,9 @@ async def open_supervisor(
             sources=fleet_sources(supervisor),
         )
         supervisor._fleet = member
-    if pid_file is not None:
+    if pid_file is not None and (upgrader is None or not upgrader.successor):
+        # A generation started by an upgrade is named there by the old one once it
+        # is ready: until then, and if it never is, the old one is the running one.
         write_pid_file(pid_file, os.getpid())
     try:
         async with _running(

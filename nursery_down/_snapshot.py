@@ -30,6 +30,7 @@ def build_snapshot(
     warnings: list[str],
     max_jobs: int | None,
     previous_generation: dict[str, Any] | None = None,
+    upgrade_timeout: float | None = None,
     health: HealthBoard | None = None,
     sources: SourceWatch | None = None,
 ) -> dict[str, Any]:
@@ -110,6 +111,8 @@ def build_snapshot(
         "warnings": list(warnings),
         # After an upgrade: the generation this one replaced, while it drains and after.
         "previous_generation": previous_generation,
+        # How long a new generation has to be ready; None where no upgrade can start.
+        "upgrade_timeout": upgrade_timeout,
     }
 
 

@@ -115,6 +115,7 @@ class Supervisor:
         self._upgrade: Callable[[str], Awaitable[int]] | None = None
         # Set by nd.run: what this generation knows of the one it replaced, if any.
         self._previous_generation: Callable[[], dict[str, Any] | None] | None = None
+        self._upgrade_timeout: float | None = None
         # Set by open_supervisor when this process is in a fleet: its FleetMember, which
         # the dashboard's fleet page uses (typed loosely: _fleet imports this module).
         self._fleet: Any = None
@@ -545,7 +546,9 @@ class Supervisor:
 
         Returns the new generation's pid once it is ready (this one then drains and
         exits). Only a program run by :func:`nursery_down.run` or ``nursery-down run``
-        can upgrade. Raises :class:`InvalidTransitionError` when an upgrade cannot
+        can upgrade. Once started, an upgrade goes on whatever happens to its caller: a
+        caller cancelled meanwhile leaves it running (its outcome is logged and shown
+        in the timeline). Raises :class:`InvalidTransitionError` when an upgrade cannot
         start now (starting, draining, one under way, the previous generation still
         draining) and :class:`UpgradeError` when the new generation failed (this one
         keeps serving).
@@ -677,6 +680,7 @@ class Supervisor:
             previous_generation=(
                 None if self._previous_generation is None else self._previous_generation()
             ),
+            upgrade_timeout=self._upgrade_timeout,
             health=self._services.health,
             sources=self._sources,
         )

@@ -32,6 +32,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import outcome
 import trio
 
 from ._exceptions import ConfigurationError, InvalidTransitionError, UpgradeError
@@ -51,6 +52,8 @@ from ._listeners import (
     listener_descriptors,
 )
 from ._notify import hand_over
+from ._reports import log_safe
+from ._state import ServiceState
 from ._supervisor import Supervisor
 from ._validate import require_seconds
 
@@ -88,7 +91,10 @@ class Upgrader:
                 "pass upgrade_argv=[...]"
             )
         self._cwd = cwd if cwd is not None else os.getcwd()
-        self._timeout = require_seconds("upgrade timeout", timeout, positive=True)
+        #: Seconds a new generation has to become ready.
+        self.timeout = require_seconds("upgrade timeout", timeout, positive=True)
+        # True from the moment an upgrade is accepted until it ended: one at a time.
+        self._busy = False
         self._pending: int | None = None
         # Set in a new generation: what it knows of the one it replaced.
         self._predecessor: PreviousGeneration | None = None
@@ -153,8 +159,21 @@ class Upgrader:
             await supervisor.wait_app_state("running", "draining", "stopped")
             for gate in self._ready_gates:
                 await gate.wait()
-            if supervisor.app_state != "running":
-                return  # drained while starting: never ready; the old one keeps serving
+            if not await self._wait_whole_app_ready():
+                failures = self._failures()
+                if failures is None:
+                    return  # drained while starting: never ready; the old one keeps serving
+                message = (
+                    f"upgrade: this generation (pid {os.getpid()}) cannot take over: "
+                    f"{failures}; it drains, and the previous one keeps serving"
+                )
+                logger.error("%s", message)
+                supervisor.announce(message, upgrade="not ready")
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await pipe.send_all(f"failed {failures}\n".encode())
+                if supervisor.app_state == "running":
+                    supervisor.drain_nowait(actor="upgrade (this generation cannot take over)")
+                return
             closed = close_unclaimed_listeners()
             if closed:
                 logger.info("closed inherited sockets nobody asked for: %s", ", ".join(closed))
@@ -169,6 +188,30 @@ class Upgrader:
             f"(pid {pid}) drains",
             upgrade="ready",
         )
+
+    async def _wait_whole_app_ready(self) -> bool:
+        """True once the app is ready for work (:meth:`Supervisor.readiness`); False
+        once it never will be: a service FAILED, or the app drains."""
+        supervisor = self._supervisor
+        with supervisor.subscribe() as changes:
+            while self._failures() is None and supervisor.app_state == "running":
+                if supervisor.readiness()["ready"]:
+                    return True
+                # Re-checked after each event: states, health and restarts publish one.
+                if await anext(changes, None) is None:
+                    break
+        return False
+
+    def _failures(self) -> str | None:
+        """What FAILED in this generation (each service and its last error), if anything."""
+        services = self._supervisor.snapshot(max_jobs=0)["services"]
+        failed = [
+            f"service {s['name']} FAILED"
+            + (f" ({log_safe(s['last_error'])})" if s["last_error"] else "")
+            for s in services
+            if s["state"] == ServiceState.FAILED.value
+        ]
+        return "; ".join(failed) if failed else None
 
     async def _watch_predecessor(self, parent_fd: int, previous: PreviousGeneration) -> None:
         """Read the previous generation's messages until its end of the pipe closes."""
@@ -206,16 +249,44 @@ class Upgrader:
         Returns when the new generation is ready (this one is then draining). Raises
         :class:`InvalidTransitionError` when an upgrade cannot start now and
         :class:`UpgradeError` when the new generation failed (this one keeps serving).
+        The upgrade runs in a task of its own: a caller cancelled meanwhile (an HTTP
+        client that went away) leaves it running to its end.
         """
+        self._refuse_now()
+        self._busy = True  # before any checkpoint: a second request at once is refused
+        result: outcome.Outcome[int] | None = None
+        done = trio.Event()
+
+        async def upgrade_in_background() -> None:
+            nonlocal result
+            try:
+                result = outcome.Value(await self._upgrade(actor))
+            except Exception as exc:
+                result = outcome.Error(exc)
+            finally:
+                self._busy = False
+                done.set()
+
+        nursery = self._nursery
+        if nursery is None:  # not serving (nothing runs in the background): inline
+            await upgrade_in_background()
+        else:
+            nursery.start_soon(upgrade_in_background, name="upgrade")
+            await done.wait()
+        if result is None:
+            raise UpgradeError("the upgrade was called off: this program is ending")
+        return result.unwrap()
+
+    def _refuse_now(self) -> None:
+        """Raise :class:`InvalidTransitionError` if an upgrade cannot start now."""
         supervisor = self._supervisor
         if supervisor.app_state != "running":
             raise InvalidTransitionError(
                 f"cannot upgrade while the app is {supervisor.app_state}: wait until it runs"
             )
-        if self._pending is not None:
-            raise InvalidTransitionError(
-                f"an upgrade is already under way (new generation pid {self._pending})"
-            )
+        if self._busy:
+            pending = "" if self._pending is None else f" (new generation pid {self._pending})"
+            raise InvalidTransitionError(f"an upgrade is already under way{pending}")
         if os.getpid() == 1:
             raise InvalidTransitionError(
                 "cannot upgrade: this process is PID 1 (a container's main process), and "
@@ -227,6 +298,9 @@ class Upgrader:
                 f"cannot upgrade yet: the previous generation (pid {self.predecessor}) is "
                 "still draining"
             )
+
+    async def _upgrade(self, actor: str) -> int:
+        supervisor = self._supervisor
         ready_read, ready_write = os.pipe()
         alive_read, alive_write = os.pipe()
         listeners = listener_descriptors()
@@ -264,7 +338,7 @@ class Upgrader:
             pid=process.pid,
         )
         try:
-            outcome = await self._wait_ready(ready_read)
+            ended, detail = await self._wait_ready(ready_read)
         except BaseException:
             # Cancelled (the program is ending): the new generation must not outlive us
             # unannounced.
@@ -272,14 +346,18 @@ class Upgrader:
             raise
         finally:
             self._pending = None
-        if outcome != "ready":
-            # A new generation that closed its pipe is exiting: let it finish, so that
-            # its exit code says why.
-            await _kill_and_reap(process, wait=5.0 if outcome == "exited" else 0.0)
+        if ended != "ready":
+            # A new generation that gave up or closed its pipe is exiting (draining):
+            # let it finish, so that it gives back its work and its exit code says why.
+            exiting = ended in ("failed", "exited")
+            await _kill_and_reap(process, wait=EXIT_PATIENCE if exiting else 0.0)
             code = process.returncode
-            if outcome == "timeout":
-                reason = f"was not ready within {self._timeout:g} s and was killed"
-            elif outcome == "draining":
+            if ended == "failed":
+                how = "was killed" if code is None or code < 0 else f"exited with code {code}"
+                reason = f"could not take over: {detail} (it {how})"
+            elif ended == "timeout":
+                reason = f"was not ready within {self.timeout:g} s and was killed"
+            elif ended == "draining":
                 reason = "was killed: this process began to drain before it was ready"
             elif code is not None and code < 0:
                 reason = f"was killed by {signal.Signals(-code).name} before it was ready"
@@ -287,7 +365,7 @@ class Upgrader:
                 reason = f"exited with code {code} before it was ready"
             after = (
                 "this process drains as asked"
-                if outcome == "draining"
+                if ended == "draining"
                 else ("this process keeps serving")
             )
             message = f"upgrade failed: the new generation (pid {process.pid}) {reason}; {after}"
@@ -321,38 +399,51 @@ class Upgrader:
             # The last word, with the exit code, even when the program is ending.
             send_message(fd, drain_report(supervisor.snapshot()))
 
-    async def _wait_ready(self, ready_read: int) -> str:
-        """``"ready"``, ``"exited"`` (the pipe closed first), ``"timeout"`` or
-        ``"draining"`` (this process began to drain: the upgrade is called off)."""
-        outcome = "timeout"
+    async def _wait_ready(self, ready_read: int) -> tuple[str, str]:
+        """How the wait for the new generation ended, and what it said: ``"ready"``,
+        ``"failed"`` (it cannot take over, and says why), ``"exited"`` (the pipe closed
+        first), ``"timeout"`` or ``"draining"`` (this process began to drain: the
+        upgrade is called off)."""
+        ended, detail = "timeout", ""
         async with trio.lowlevel.FdStream(ready_read) as pipe, trio.open_nursery() as race:
 
             async def read() -> None:
-                nonlocal outcome
-                outcome = "ready" if await _read_ready(pipe) else "exited"
+                nonlocal ended, detail
+                line = await _read_line(pipe)
+                if line.startswith("ready "):
+                    ended = "ready"
+                elif line.startswith("failed "):
+                    ended, detail = "failed", log_safe(line.removeprefix("failed "))
+                else:
+                    ended = "exited"
                 race.cancel_scope.cancel()
 
             async def watch_drain() -> None:
-                nonlocal outcome
+                nonlocal ended
                 await self._supervisor.wait_app_state("draining", "stopped")
-                outcome = "draining"
+                ended = "draining"
                 race.cancel_scope.cancel()
 
-            race.cancel_scope.deadline = trio.current_time() + self._timeout
+            race.cancel_scope.deadline = trio.current_time() + self.timeout
             race.start_soon(read)
             race.start_soon(watch_drain)
-        return outcome
+        return ended, detail
 
 
-async def _read_ready(pipe: trio.lowlevel.FdStream) -> bool:
-    """True once the new generation wrote ``ready``; False if it closed the pipe first."""
+#: Seconds a new generation that gave up is given to drain and exit before it is killed.
+EXIT_PATIENCE = 5.0
+
+
+async def _read_line(pipe: trio.lowlevel.FdStream) -> str:
+    """The new generation's first line on the ready pipe (``ready PID`` or ``failed
+    WHY``); empty if it closed the pipe first (it exited unready)."""
     received = b""
-    while b"\n" not in received:
+    while b"\n" not in received and len(received) < LINE_LIMIT:
         chunk = await pipe.receive_some(256)
-        if not chunk:  # the child closed its end: it exited (or closed it) unready
-            return False
+        if not chunk:
+            return ""
         received += chunk
-    return received.startswith(b"ready ")
+    return received.split(b"\n", 1)[0].decode("utf-8", "replace")
 
 
 #: The write ends of parent-alive pipes: held open for the whole life of the process.

@@ -614,6 +614,8 @@ def test_a_new_generation_that_hangs_is_killed_after_the_timeout(
 ) -> None:
     app = launch(timeout=2)
     old = app.first
+    # What `nursery-down upgrade` reads to know how long the answer may take.
+    assert app.request("GET", "/api/snapshot")[1]["upgrade_timeout"] == 2
     with client_of(app) as client:
         more_answers(app, client, old)
         app.set_mode("hang")
@@ -672,6 +674,91 @@ def test_a_second_upgrade_while_one_is_pending_is_refused(launch: Callable[..., 
     assert app.exit_code(old) == 0, app.describe()
     assert ask(app.port) == (new, "2")
     app.terminate(new)
+
+
+def test_a_new_generation_whose_service_failed_never_takes_over(
+    launch: Callable[..., App],
+) -> None:
+    app = launch()
+    old = app.first
+    with client_of(app) as client:
+        more_answers(app, client, old)
+        app.set_mode("fail")  # its http service raises at each start, until FAILED
+        app.set_generation("2")
+        status, body = app.upgrade_by_api()
+        (failed,) = app.started()
+        assert status == 502, body
+        assert body["error"].startswith(failed_line(failed)), body
+        assert (
+            "could not take over: service http FAILED (RuntimeError: generation 2 "
+            in (body["error"])
+        ), body
+        # It drained itself: exit code 1, a service FAILED.
+        assert "(it exited with code 1); this process keeps serving" in body["error"], body
+        more_answers(app, client, old)
+    assert not client.failures, f"{len(client.failures)} failed: {client.failures[:10]}"
+    assert {answer.pid for answer in client.answers} == {old}
+    assert f"upgrade: this generation (pid {failed}) cannot take over" in app.log()
+    assert children_of(old) == [], app.describe()
+    app.signal(old, signal.SIGTERM)
+    assert app.exit_code(old) == 0, app.describe()
+
+
+def test_two_upgrade_requests_at_once_start_one_generation(
+    launch: Callable[..., App], tmp_path: Path
+) -> None:
+    app = launch(command=on_hup_upgrade_command("nd.run", tmp_path / "app.pid"))
+    old = app.first
+    app.set_generation("2")
+    app.set_mode("slow")  # pending for a second at least
+    os.kill(old, signal.SIGUSR2)  # both upgrade: SIGHUP does too here
+    os.kill(old, signal.SIGHUP)
+    new = app.wait_started(1)
+    app.wait_log("an upgrade is already under way", watch=old)
+    with ThreadPoolExecutor(2) as pool:  # and two over HTTP at once, while it is pending
+        answers = list(pool.map(lambda _: app.upgrade_by_api(), range(2)))
+    assert [status for status, _ in answers] == [409, 409], answers
+    assert app.exit_code(old) == 0, app.describe()
+    assert app.started() == [new], app.describe()
+    assert ask(app.port) == (new, "2")
+    app.terminate(new)
+
+
+def test_an_upgrade_goes_on_when_its_http_client_goes_away(launch: Callable[..., App]) -> None:
+    app = launch()
+    old = app.first
+    app.set_mode("slow")  # ready 1 s after its start
+    app.set_generation("2")
+    port = int(app.url.rsplit(":", 1)[1])
+    headers = {"Content-Type": "application/json"}
+    request = request_bytes(
+        port, "POST", "/api/upgrade", token=app.token, headers=headers, body=b"{}"
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=PATIENCE) as sock:
+        sock.sendall(request)
+        new = app.wait_started(1)
+    # The client went away before the answer: the upgrade still ends as it would.
+    app.wait_log(ready_line(new), watch=new)
+    assert app.exit_code(old) == 0, app.describe()
+    assert ask(app.port) == (new, "2")
+    app.terminate(new)
+
+
+def test_a_failed_upgrade_leaves_the_pid_file_naming_the_old_generation(
+    launch: Callable[..., App], tmp_path: Path
+) -> None:
+    pid_file = tmp_path / "app.pid"
+    app = launch(command=on_hup_upgrade_command("nd.run", pid_file), timeout=2)
+    old = app.first
+    app.set_mode("hang")
+    app.signal(old, signal.SIGUSR2)
+    pending = app.wait_started(1)
+    app.wait_log("listener http: inherited", watch=pending)
+    assert pid_file.read_text() == f"{old}\n"  # the new one is not running yet
+    app.wait_log(failed_line(pending))
+    assert pid_file.read_text() == f"{old}\n"
+    app.terminate(old)
+    assert not pid_file.exists()
 
 
 def test_sigkill_of_the_new_generation_mid_handshake(launch: Callable[..., App]) -> None:
