@@ -63,7 +63,31 @@ async def readyz() -> tuple[str, int]:
     return ("ready", 200) if readiness["ready"] else ("draining", 503)
 
 
-def run_requests_as_jobs(asgi: ASGIFramework, ctx: nd.ServiceContext) -> ASGIFramework:
+class Requests:
+    """How many requests are in flight, and a wait for none to be."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._none = trio.Event()
+        self._none.set()
+
+    def began(self) -> None:
+        if not self.count:
+            self._none = trio.Event()
+        self.count += 1
+
+    def ended(self) -> None:
+        self.count -= 1
+        if not self.count:
+            self._none.set()
+
+    async def wait_none(self) -> None:
+        await self._none.wait()
+
+
+def run_requests_as_jobs(
+    asgi: ASGIFramework, ctx: nd.ServiceContext, requests: Requests
+) -> ASGIFramework:
     """Wrap an ASGI app so that every HTTP request is one in-flight job of *ctx*."""
 
     async def app_with_jobs(
@@ -88,8 +112,14 @@ def run_requests_as_jobs(asgi: ASGIFramework, ctx: nd.ServiceContext) -> ASGIFra
             await send(start)
             await send(body)
             return
-        async with ctx.job(f"{scope['method']} {scope['path']}", client=str(scope.get("client"))):
-            await asgi(scope, receive, send)
+        requests.began()
+        try:
+            async with ctx.job(
+                f"{scope['method']} {scope['path']}", client=str(scope.get("client"))
+            ):
+                await asgi(scope, receive, send)
+        finally:
+            requests.ended()
 
     return app_with_jobs
 
@@ -110,7 +140,8 @@ async def http(ctx: nd.ServiceContext) -> None:
     # hypercorn must not cut requests before our own grace deadline does.
     config.graceful_timeout = GRACE + 1.0
     stop_accepting = trio.Event()
-    asgi = shield_sends(run_requests_as_jobs(app, ctx))
+    requests = Requests()
+    asgi = shield_sends(run_requests_as_jobs(app, ctx, requests))
     async with trio.open_nursery() as nursery:
         await nursery.start(partial(serve, asgi, config, shutdown_trigger=stop_accepting.wait))
         print(f"serving on http://{host}:{port}", file=sys.stderr, flush=True)
@@ -123,6 +154,12 @@ async def http(ctx: nd.ServiceContext) -> None:
         # Our copy of the socket too: with no new generation holding it, connections are
         # refused at once (a client retries elsewhere) rather than queued for nobody.
         sock.close()
+        # Once the last request was answered, only idle keep-alive connections are left:
+        # close them now rather than wait for hypercorn's graceful_timeout. (A request
+        # pipelined just as hypercorn closes its connection can also leave that
+        # connection waiting until then.)
+        await requests.wait_none()
+        nursery.cancel_scope.cancel()
 
 
 if __name__ == "__main__":
