@@ -228,3 +228,66 @@ def test_an_upgrade_at_random_instants_loses_and_repeats_nothing(tmp_path: Path)
     assert report["duplicated"] == 0  # both generations consumed: leases kept each job to one
     # The harness's own child is the old generation: it exited 0 after the hand-over.
     assert all(run["exit_codes"] == [0] for run in report["details"])
+
+
+QUEUE_ENV_WORKER = f"{ROOT / 'tests' / 'programs' / 'queue_env_worker.py'}:sup"
+
+
+def test_by_default_the_queue_path_is_in_queue_path_and_a_stop_has_30_s() -> None:
+    args = build_parser().parse_args(["chaos", "x.py:sup"])
+    assert (args.queue_env, args.exit_within) == ("QUEUE_PATH", 30.0)
+
+
+@pytest.mark.subprocess
+def test_queue_env_names_the_variable_the_target_reads_its_queue_path_from(
+    tmp_path: Path,
+) -> None:
+    report_path = tmp_path / "report.json"
+    code = chaos(
+        QUEUE_ENV_WORKER, "--queue-env=WORKER_JOBS_FILE", "--runs=1", "--signal=TERM",
+        f"--seed={SEED}", "--after=0.3..0.6", "--exit-within=10", "--timeout=30",
+        f"--json={report_path}", f"--workdir={tmp_path / 'runs'}",
+    )  # fmt: skip
+    report = json.loads(report_path.read_text())
+    assert code == 0, report["verdict"]
+    check_proof(report, 1, {"TERM"})
+    (run,) = report["details"]
+    assert run["exit_codes"] == [0]
+    assert run["acked"] > 0
+    assert (tmp_path / "runs" / "run-000" / "queue.sqlite3").exists()
+
+
+@pytest.mark.subprocess
+def test_the_harness_hands_the_queue_path_in_the_variable_it_is_given(tmp_path: Path) -> None:
+    from nursery_down.testing import ChaosHarness
+
+    with ChaosHarness(tmp_path / "chaos", queue_env="WORKER_JOBS_FILE", patience=30.0) as harness:
+        target = harness.start(QUEUE_ENV_WORKER)
+        running = target.wait_in_flight(1)
+        target.send("TERM")
+        assert target.wait_exit() == 0
+        report = harness.check()
+    assert report.ok, report.describe()
+    assert set(running) <= report.acked
+    assert harness.queue_path.exists()
+
+
+@pytest.mark.subprocess
+def test_exit_within_fails_a_run_whose_graceful_stop_is_too_slow(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Jobs of about 2 s are in flight at the TERM: the drain lets them finish, so the
+    # target exits 0, but later than half a second after the signal.
+    report_path = tmp_path / "report.json"
+    code = chaos(
+        WORKER, "--runs=1", "--signal=TERM", f"--seed={SEED}", "--env=QUEUE_RATE=20",
+        "--env=QUEUE_JOB_SECONDS=2", "--env=QUEUE_WORKERS=3", "--env=QUEUE_DASHBOARD=off",
+        "--after=0.5..0.5", "--exit-within=0.5", "--timeout=30", f"--json={report_path}",
+    )  # fmt: skip
+    report = json.loads(report_path.read_text())
+    assert code == 1, report["verdict"]
+    assert report["lost"] == 0
+    (failed,) = report["failed_runs"]
+    (problem,) = failed["problems"]
+    assert problem.endswith("still ran 0.5 s after SIGTERM")
+    assert "still ran 0.5 s after SIGTERM" in capsys.readouterr().out

@@ -147,3 +147,22 @@ async def test_a_cancelled_waiter_gives_its_place_in_the_queue_back() -> None:
             release.set()
     assert later.status == 200
     assert entered == ["/a", "/c"]
+
+
+async def test_by_default_4_requests_run_256_wait_and_the_next_is_refused() -> None:
+    app, release, entered = blocking_app()
+    admitted: Any = admit_requests(app, HEADERS)  # the defaults
+    answered = [Recorder() for _ in range(4 + 256)]
+    refused = Recorder()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            for number, recorder in enumerate(answered):
+                nursery.start_soon(admitted, http_scope(f"/r/{number}"), receive, recorder)
+                await trio.testing.wait_all_tasks_blocked()  # running, or parked waiting
+            assert len(entered) == 4
+            assert not any(recorder.messages for recorder in answered)
+            await admitted(http_scope("/r/refused"), receive, refused)
+            assert refused.status == 503
+            release.set()
+    assert [recorder.status for recorder in answered] == [200] * 260
+    assert len(entered) == 260

@@ -254,6 +254,27 @@ async def test_whole_app_drain_and_extend_grace(served: Served) -> None:
     assert 45 < alpha["jobs"][0]["time_left"] <= 50
 
 
+async def test_whole_app_escalate_drains_the_app_and_hard_cancels_its_jobs(
+    served: Served,
+) -> None:
+    sup = served.sup
+    with trio.fail_after(LIMIT):
+        escalated = await served.client.post("/api/escalate", headers=BEARER)
+        assert escalated.status_code == 202
+        assert escalated.json()["state"] in ("draining", "stopped")
+        await sup.wait_finished()
+    assert sup.app_state == "stopped"
+    assert [s["state"] for s in sup.snapshot()["services"]] == ["stopped", "stopped"]
+    assert sup.snapshot()["services"][0]["hard_cancelled"] == 1
+    assert sup.exit_code == nd.EXIT_HARD_CANCELLED
+    [report] = sup.drain_reports()
+    assert (report["scope"], report["action"], report["actor"]) == (
+        "app",
+        "escalate",
+        "api 127.0.0.1",
+    )
+
+
 async def test_unknown_service_is_404_json(served: Served) -> None:
     with trio.fail_after(LIMIT):
         response = await served.client.post("/api/services/gamma/drain", headers=BEARER)

@@ -208,3 +208,23 @@ async def test_the_last_ten_reports_are_kept(autojump_clock: trio.testing.MockCl
     assert REPORTS_KEPT == 10
     assert [r["number"] for r in reports] == list(range(4, REPORTS_KEPT + 4))
     assert reports[-1]["scope"] == "app"
+
+
+async def test_a_report_details_at_most_50_jobs_the_cut_ones_first(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    durations = {f"job-{i}": 1.0 + i / 1000 for i in range(55)}
+    durations.update({f"stuck-{i}": 100.0 for i in range(5)})
+    sup = nd.Supervisor("app", grace=30.0)
+    sleeper_service(sup, durations)
+    with trio.fail_after(200):
+        async with nd.open_supervisor(sup):
+            await sup.drain("work")
+            await sup.wait_state("work", S.STOPPED)
+            [report] = sup.drain_reports()
+            await sup.drain()
+    assert (report["jobs"], report["finished"], report["hard_cancelled"]) == (60, 55, 5)
+    assert len(report["details"]) == 50
+    assert report["details_hidden"] == 10
+    assert {d["key"] for d in report["details"][:5]} == {f"stuck-{i}" for i in range(5)}
+    assert all(d["outcome"] == "finished" for d in report["details"][5:])

@@ -12,6 +12,7 @@ import os
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import psycopg
@@ -387,4 +388,109 @@ async def test_a_process_reports_again_once_the_database_is_back(
             member, "fresh reports", lambda v: v["processes"][0]["heartbeat_age"] < 1
         )
         assert view["processes"][0]["state"] == "running"
+    await member.aclose()
+
+
+async def test_the_fleet_page_api_and_actions_answer_503_while_the_database_is_away(
+    nursery: trio.Nursery,
+) -> None:
+    import httpx
+
+    from nursery_down.dashboard import serve_dashboard
+
+    with socket.socket() as sock:  # a port where nothing listens
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    token = "fleet-away-token-5e81d2"
+    sup = held_app("orders")
+    async with member_of(sup, f"postgresql://nobody@127.0.0.1:{port}/nowhere") as member:
+        with trio.fail_after(PATIENCE):
+            info = await nursery.start(partial(serve_dashboard, sup, "127.0.0.1:0", token=token))
+            async with httpx.AsyncClient(
+                base_url=info.url, timeout=PATIENCE, headers={"Authorization": f"Bearer {token}"}
+            ) as client:
+                page = await client.get("/fleet")
+                api = await client.get("/api/fleet")
+                action = await client.post(f"/api/fleet/processes/{member.id}/drain")
+    for response in (page, api, action):
+        assert response.status_code == 503, response.text
+        assert f"127.0.0.1:{port}/nowhere" in response.json()["error"]
+    assert sup.exit_code == 0  # the app ran on, and drained when the block ended
+
+
+async def test_the_cli_drains_a_process_named_by_host_and_pid(
+    postgres_dsn: str, nursery: trio.Nursery, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from nursery_down._cli import main
+    from nursery_down.dashboard import serve_dashboard
+
+    token = "fleet-cli-token-0b77a4"
+    sup = held_app("orders")
+    name = f"{socket.gethostname()}:{os.getpid()}"
+    async with member_of(sup, postgres_dsn) as member:
+        await wait_view(member, "registered", lambda v: len(v["processes"]) == 1)
+        with psycopg.connect(postgres_dsn, autocommit=True) as connection:
+            # Others of the same pid on another host, and of the same host with another pid.
+            for process_id, host, pid in (
+                ("samepidother", "elsewhere", os.getpid()),
+                ("samehostother", socket.gethostname(), os.getpid() + 1),
+            ):
+                connection.execute(
+                    "INSERT INTO nd_fleet_processes (id, app, host, pid, version, generation,"
+                    " state, interval, heartbeat_at) VALUES (%s, 'orders', %s, %s, '', 1,"
+                    " 'running', 3600, now())",
+                    (process_id, host, pid),
+                )
+        with trio.fail_after(PATIENCE):
+            await wait_view(member, "registered", lambda v: len(v["processes"]) == 3)
+            info = await nursery.start(partial(serve_dashboard, sup, "127.0.0.1:0", token=token))
+            code = await trio.to_thread.run_sync(
+                main, ["fleet", "drain", name, "--url", info.url, "--token", token]
+            )
+            await sup.wait_finished()
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert out.strip() == f"drain process {name} ({member.id}): accepted"
+    assert sup.exit_code == 0
+    [report] = sup.drain_reports()
+    assert report["scope"] == "app"
+    assert "via the fleet" in report["actor"]
+    await member.aclose()
+
+
+@pytest.mark.parametrize(("minutes", "listed"), [(59, True), (61, False)])
+async def test_a_process_that_ended_is_listed_for_an_hour(
+    postgres_dsn: str, minutes: int, listed: bool
+) -> None:
+    sup = held_app("orders")
+    async with member_of(sup, postgres_dsn) as member:
+        await wait_view(member, "registered", lambda v: len(v["processes"]) == 1)
+        with psycopg.connect(postgres_dsn, autocommit=True) as connection:
+            for process_id, stopped in (("ended", True), ("silent", False)):
+                # One that stopped, one that went silent (killed), both that long ago.
+                connection.execute(
+                    "INSERT INTO nd_fleet_processes (id, app, host, pid, version, generation,"
+                    " state, interval, heartbeat_at, stopped_at) VALUES (%s, 'orders', 'old',"
+                    " 7, '', 1, %s, 1, now() - make_interval(mins => %s),"
+                    " CASE WHEN %s THEN now() - make_interval(mins => %s) END)",
+                    (process_id, "stopped" if stopped else "running", minutes, stopped, minutes),
+                )
+            row = connection.execute("SELECT now()").fetchone()
+            assert row is not None
+            written = row[0]
+
+        def reported_since(connection: psycopg.Connection[Any], process_id: str) -> bool:
+            found = connection.execute(
+                "SELECT heartbeat_at > %s FROM nd_fleet_processes WHERE id = %s",
+                (written, process_id),
+            ).fetchone()
+            return bool(found and found[0])
+
+        with trio.fail_after(PATIENCE):
+            # Each report forgets, in its own transaction, what ended over an hour ago.
+            while not await member._call(reported_since, member.id):
+                await trio.sleep(INTERVAL / 2)  # the report task writes in its own time
+        view = await member.view()
+    ids = {p["id"] for p in view["processes"]}
+    assert ids == ({member.id, "ended", "silent"} if listed else {member.id})
     await member.aclose()

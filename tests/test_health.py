@@ -286,3 +286,56 @@ async def test_the_dashboard_shows_health_in_the_page_metrics_and_readyz(
     assert 'nursery_down_service_healthy{app="health-page",service="archive"} 0.0' in metrics
     assert 'data-health="unhealthy"' in page
     assert "OSError: disk full" in page
+
+
+async def test_by_default_a_check_runs_every_10_s_for_at_most_5_s_and_each_change_is_logged(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO, logger="nursery_down")
+    sup = nd.Supervisor("health", grace=5.0)
+    runs: list[float] = []
+
+    async def ping() -> None:
+        runs.append(trio.current_time())
+        if len(runs) == 2:
+            await trio.sleep_forever()
+
+    @sup.service(health=ping)
+    async def db(ctx: nd.ServiceContext) -> None:
+        ctx.ready()
+        await ctx.wait_draining()
+
+    with trio.fail_after(LIMIT):
+        async with nd.open_supervisor(sup):
+            started = trio.current_time()
+            await wait_health_changes(sup, "db", 1)
+            unhealthy_at = trio.current_time() - started
+            await wait_health_changes(sup, "db", 2)
+            healthy_at = trio.current_time() - started
+    assert [t - started for t in runs][:3] == [0.0, 10.0, 20.0]
+    assert (unhealthy_at, healthy_at) == (15.0, 20.0)
+    logged = [
+        (r.levelname, r.getMessage())
+        for r in caplog.records
+        if r.getMessage().startswith("service db: health")
+    ]
+    assert logged == [
+        (
+            "WARNING",
+            "service db: health ok -> unhealthy: its health check took longer than 5 s "
+            "(health check)",
+        ),
+        ("INFO", "service db: health unhealthy -> ok (health check)"),
+    ]
+
+
+async def wait_health_changes(sup: nd.Supervisor, service: str, count: int) -> None:
+    """Wait until *service* had *count* health changes (each one event)."""
+    with sup.subscribe() as events:
+        if len(health_events(sup, service)) >= count:
+            return
+        async for event in events:
+            if event.kind == "health" and len(health_events(sup, service)) >= count:
+                return

@@ -204,3 +204,16 @@ async def test_closed_queue_waits_for_leases_that_may_come_back(
         assert results == [job]
         await queue.ack(job)
     assert results == [job, None]
+
+
+async def test_by_default_a_job_is_dead_lettered_at_its_fifth_failed_attempt() -> None:
+    queue = MemoryQueue()
+    queue.put_nowait("poison")
+    for attempt in range(5):
+        assert queue.statistics() == stats(queued=1)
+        job = await queue.claim()
+        assert job is not None
+        assert job.attempts == attempt
+        await queue.fail(job, "bad")
+    assert queue.statistics() == stats(dead=1)
+    assert queue.dead_letters()[0].attempts == 5

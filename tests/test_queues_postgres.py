@@ -11,6 +11,7 @@ waits poll what the database shows, bounded by a timeout only a hang reaches.
 from __future__ import annotations
 
 import collections
+import itertools
 import os
 import signal
 import subprocess
@@ -1272,3 +1273,72 @@ async def test_a_paused_worker_loses_its_leases_after_the_lease_and_its_late_ack
     assert sorted(event for event, _, _ in rows) == ["ack", "ack", "recover", "recover"]
     assert all(pid == os.getpid() for event, pid, _ in rows if event == "ack")
     assert all("expired" in detail for event, _, detail in rows if event == "recover")
+
+
+# -- defaults ---------------------------------------------------------------------------
+
+
+async def test_by_default_a_lease_lasts_30_s_and_the_heartbeat_renews_it_every_second(
+    dsn: str,
+) -> None:
+    async with PostgresQueue(dsn) as queue:
+        await queue.put(1)
+        job = await claim(queue)
+        [(length,)] = sql(
+            dsn, "SELECT extract(epoch FROM lease_expires - leased_at) FROM ndq_default_jobs"
+        )
+        assert float(length) == 30.0
+        renewals: list[Any] = []
+
+        async def five_renewals() -> bool:
+            await trio.lowlevel.checkpoint()
+            [(renewed, expires)] = sql(
+                dsn, "SELECT renewed_at, lease_expires FROM ndq_default_jobs"
+            )
+            assert (expires - renewed).total_seconds() == 30.0
+            if not renewals or renewed != renewals[-1]:
+                renewals.append(renewed)
+            return len(renewals) == 6  # the claim, then five heartbeats
+
+        await eventually(five_renewals, "five heartbeats")
+        await queue.ack(job)
+    # The first heartbeat comes at any instant after the claim; then one every second:
+    # each sleeps a second, then renews, so never sooner, and not much later.
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(renewals[1:])]
+    assert min(gaps) >= 0.99, gaps
+    assert min(gaps) < 1.5, gaps
+
+
+async def test_by_default_a_waiting_lock_looks_again_every_half_second(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nursery_down.queues import PostgresLock
+
+    holder, waiter = PostgresLock(dsn, "stream"), PostgresLock(dsn, "stream")
+    attempts: list[float] = []
+    call = waiter._database.call
+
+    async def counted(function: Callable[..., T], *args: Any) -> T:
+        if function.__name__ == "_acquire_sync":
+            attempts.append(trio.current_time())
+        return await call(function, *args)
+
+    monkeypatch.setattr(waiter._database, "call", counted)
+    taken: list[bool] = []
+
+    async def wait_for_the_lock() -> None:
+        async with waiter.hold():
+            taken.append(True)
+
+    with trio.fail_after(PATIENCE):
+        # The holder releases it first, then the nursery waits for the waiter to take it.
+        async with trio.open_nursery() as nursery, holder.hold():
+            nursery.start_soon(wait_for_the_lock)
+            while len(attempts) < 5:
+                await trio.sleep(0.05)  # the waiter's attempts: nothing to wait on but time
+            assert not taken
+    assert taken == [True]
+    gaps = [b - a for a, b in itertools.pairwise(attempts)]
+    # Each look sleeps half a second after the one before: never sooner, and not much later.
+    assert min(gaps) >= 0.5, gaps
+    assert min(gaps) < 0.9, gaps

@@ -677,3 +677,73 @@ def test_bad_options_are_configuration_errors(db: Path, option: str, value: obje
 
     with pytest.raises(ConfigurationError, match=option):
         SQLiteQueue(db, **{option: value})  # type: ignore[arg-type]
+
+
+# -- defaults ---------------------------------------------------------------------------
+
+
+async def test_by_default_a_job_is_dead_lettered_at_its_fifth_failed_attempt(db: Path) -> None:
+    async with SQLiteQueue(db) as queue:
+        await queue.put("poison")
+        for attempt in range(5):
+            assert await queue.statistics() == stats(queued=1)
+            job = await claim(queue)
+            assert job.attempts == attempt
+            await queue.fail(job, "bad")
+        assert await queue.statistics() == stats(dead=1)
+        assert (await queue.dead_letters())[0].attempts == 5
+
+
+async def test_by_default_writes_are_synchronous_full(db: Path) -> None:
+    def synchronous(connection: sqlite3.Connection) -> int:
+        (level,) = connection.execute("PRAGMA synchronous").fetchone()
+        return int(level)
+
+    async with SQLiteQueue(db) as queue:
+        with trio.fail_after(PATIENCE):
+            assert await queue._write(synchronous) == 2  # FULL
+    async with SQLiteQueue(db, synchronous="NORMAL") as queue:
+        with trio.fail_after(PATIENCE):
+            assert await queue._write(synchronous) == 1  # NORMAL
+
+
+async def acked_jobs(queue: SQLiteQueue, count: int) -> None:
+    for number in range(count):
+        await queue.put(number)
+        await queue.ack(await claim(queue))
+
+
+async def test_by_default_the_history_of_a_finished_job_is_kept_seven_days(db: Path) -> None:
+    week = 7 * 24 * 3600
+    async with SQLiteQueue(db) as queue:
+        await acked_jobs(queue, 2)
+        with sqlite3.connect(db) as connection:
+            # Job 1 ended a week and a minute ago, job 2 a minute short of a week ago.
+            connection.execute(
+                "UPDATE history SET time = ? WHERE job_id = 1", (time.time() - week - 60,)
+            )
+            connection.execute(
+                "UPDATE history SET time = ? WHERE job_id = 2", (time.time() - week + 60,)
+            )
+        with trio.fail_after(PATIENCE):
+            assert await queue.prune_history() == 3
+    assert history(db) == [(2, "enqueue"), (2, "claim"), (2, "ack")]
+
+
+async def test_by_default_the_history_keeps_the_last_million_rows(db: Path) -> None:
+    async with SQLiteQueue(db) as queue:
+        await acked_jobs(queue, 2)  # rows 1-3 are job 1's, rows 4-6 job 2's
+        for last in (1_000_002, 1_000_003):
+            with sqlite3.connect(db) as connection:
+                # A later row numbered so that the million rows up to it start at row
+                # last - 999,999: job 1's three rows fit in the million, then no longer.
+                connection.execute(
+                    "INSERT INTO history (seq, job_id, event, time, pid)"
+                    " VALUES (?, 99, 'ack', ?, 1)",
+                    (last, time.time()),
+                )
+            with trio.fail_after(PATIENCE):
+                pruned = await queue.prune_history()
+            assert pruned == (0 if last == 1_000_002 else 3)
+    assert [event for job_id, event in history(db) if job_id == 1] == []
+    assert [event for job_id, event in history(db) if job_id == 2] == ["enqueue", "claim", "ack"]

@@ -302,3 +302,58 @@ def test_the_cli_lists_requeues_and_discards_dead_letters(
             assert message in refused.stderr, (args, refused.stderr)
             assert "Traceback" not in refused.stderr
         assert program.terminate()[0] == 0
+
+
+async def fails_odd_numbers(job: QueuedJob) -> None:
+    if job.payload["n"] % 2:
+        raise ValueError("odd")
+
+
+async def test_rate_out_counts_the_jobs_done_per_second(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    queue = MemoryQueue(max_attempts=1)
+    sup = nd.Supervisor("sources")
+    sup.add(nd.worker_pool(queue, fails_odd_numbers, workers=2), name="pool")
+    with trio.fail_after(LIMIT):
+        async with nd.open_supervisor(sup):
+            await trio.sleep(5.0)
+            for number in range(20):
+                queue.put_nowait({"n": number})
+            await trio.sleep(2.0)
+            (source,) = sup.snapshot()["services"][0]["sources"]
+    assert (source["done"], source["dead"]) == (10, 10)
+    assert source["rate_in"] == pytest.approx(10.0)  # 20 jobs in 2 s
+    assert source["rate_out"] == pytest.approx(5.0)  # 10 of them done in 2 s
+
+
+async def test_metrics_show_each_sources_jobs_by_state_and_dead_letter_previews_are_escaped(
+    nursery: trio.Nursery,
+) -> None:
+    queue = MemoryQueue(max_attempts=1)
+    sup = nd.Supervisor("source-metrics")
+    sup.add(nd.worker_pool(queue, fails_odd_numbers, workers=2), name="pool")
+    hostile = "line\nforged\x1b[31m\u2028\r" + "x" * 200
+    queue.put_many_nowait([{"n": 0}, {"n": 1, "note": hostile}, {"n": 2}])
+    with trio.fail_after(LIMIT):
+        await nursery.start(sup.serve)
+        info = await nursery.start(partial(serve_dashboard, sup, "127.0.0.1:0", token=TOKEN))
+        await wait_figures(sup, lambda source: (source["done"], source["dead"]) == (2, 1))
+        async with httpx.AsyncClient(
+            base_url=info.url, timeout=LIMIT, headers={"Authorization": f"Bearer {TOKEN}"}
+        ) as client:
+            metrics = (await client.get("/metrics")).text
+            listed = (await client.get("/api/services/pool/sources/0/dead")).json()
+        await sup.drain()
+        await sup.wait_finished()
+    for state, count in (("queued", 0), ("leased", 0), ("done", 2), ("dead", 1)):
+        line = (
+            f'nursery_down_source_jobs{{app="source-metrics",service="pool",'
+            f'source="MemoryQueue",state="{state}"}} {count}.0'
+        )
+        assert line in metrics.splitlines()
+    (dead,) = listed["dead"]
+    preview = dead["preview"]
+    assert len(preview) == 120
+    assert preview.startswith('{"n":1,"note":"line\\nforged\\u001b[31m')
+    assert not any(ch in preview for ch in "\n\r\x1b\u2028")

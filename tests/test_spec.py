@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import random
 
 import pytest
 
@@ -115,3 +116,20 @@ def test_backoff_doubles_up_to_its_maximum() -> None:
 def test_backoff_refuses_nonsense(options: dict[str, float]) -> None:
     with pytest.raises(nd.ConfigurationError, match="Backoff"):
         Backoff(**options)
+
+
+def test_the_default_backoff_starts_at_0_1_s_doubles_up_to_30_s_with_10_percent_jitter() -> None:
+    backoff = nd.Backoff()
+    rng = random.Random(0)
+    for restart in range(1, 13):
+        base = min(30.0, 0.1 * 2.0 ** (restart - 1))
+        ratios = [backoff.delay(restart, rng) / base for _ in range(500)]
+        assert 0.9 <= min(ratios) < 0.91
+        assert 1.09 < max(ratios) <= 1.1
+
+
+@pytest.mark.parametrize("name", ["2nd-pass", "9", "0.worker", "1_" + "x" * 62])
+def test_a_service_name_may_begin_with_a_digit(name: str) -> None:
+    sup = nd.Supervisor("digits")
+    sup.add(noop, name=name)
+    assert sup.service_names == [name]

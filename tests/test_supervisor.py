@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import trio
@@ -274,3 +275,177 @@ async def test_services_cannot_be_added_while_running() -> None:
     async with nd.open_supervisor(sup):
         with pytest.raises(nd.ConfigurationError, match="while it runs"):
             sup.add(idle_until_drained, name="b")
+
+
+async def test_by_default_a_crashing_service_restarts_five_times_backing_off_from_0_1_s(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    sup = nd.Supervisor("defaults", seed=3)
+    starts: list[float] = []
+
+    @sup.service
+    async def flaky(ctx: nd.ServiceContext) -> None:
+        starts.append(trio.current_time())
+        ctx.ready()
+        raise ValueError("boom")
+
+    with trio.fail_after(100):
+        async with nd.open_supervisor(sup) as running:
+            await sup.wait_state("flaky", S.FAILED)
+            await running.wait_finished()
+    # 0.1, 0.2, 0.4, 0.8, 1.6 s between the six runs, each within 10 % jitter.
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert len(gaps) == 5
+    for gap, base in zip(gaps, [0.1, 0.2, 0.4, 0.8, 1.6], strict=True):
+        assert base * 0.9 <= gap <= base * 1.1
+    assert sup.snapshot()["services"][0]["restarts"] == 5
+    assert sup.exit_code == nd.EXIT_FAILED
+
+
+async def test_by_default_the_backoff_between_restarts_stops_growing_at_30_s(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    sup = nd.Supervisor("maximum", max_restarts=12, within=10_000.0, seed=5)
+    starts: list[float] = []
+
+    @sup.service
+    async def flaky(ctx: nd.ServiceContext) -> None:
+        starts.append(trio.current_time())
+        ctx.ready()
+        raise ValueError("boom")
+
+    with trio.fail_after(1000):
+        async with nd.open_supervisor(sup):
+            await sup.wait_state("flaky", S.FAILED)
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert len(gaps) == 12
+    assert 25.6 * 0.9 <= gaps[8] <= 25.6 * 1.1  # the ninth restart: 0.1 * 2 ** 8
+    for gap in gaps[9:]:  # 0.1 * 2 ** 9 = 51.2, capped
+        assert 30.0 * 0.9 <= gap <= 30.0 * 1.1
+
+
+@pytest.mark.parametrize(("run_seconds", "fails"), [(11.0, True), (13.0, False)])
+async def test_by_default_only_restarts_within_60_s_count_towards_the_limit_of_5(
+    autojump_clock: trio.testing.MockClock, run_seconds: float, fails: bool
+) -> None:
+    # Crashing every 11 s (plus the backoff), the sixth crash comes within 60 s of the
+    # five restarts before it; every 13 s, at most four restarts fit in any 60 s.
+    sup = nd.Supervisor("window", seed=11)
+    runs = 0
+    ninth_run = trio.Event()
+
+    @sup.service
+    async def slow_crasher(ctx: nd.ServiceContext) -> None:
+        nonlocal runs
+        runs += 1
+        if runs == 9:
+            ninth_run.set()
+        ctx.ready()
+        await trio.sleep(run_seconds)
+        raise ValueError("crash")
+
+    sup.add(idle_until_drained, name="keeper")
+    with trio.fail_after(1000):
+        async with nd.open_supervisor(sup):
+            if fails:
+                await sup.wait_state("slow_crasher", S.FAILED)
+                assert runs == 6
+            else:
+                await ninth_run.wait()
+                assert sup.state_of("slow_crasher") is S.RUNNING
+
+
+async def test_a_services_own_grace_serves_its_drain_and_a_whole_app_drain_caps_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    sup = nd.Supervisor("graces", grace=10.0)
+    cut: dict[str, list[float]] = {"long": [], "short": []}
+
+    async def holds_jobs(ctx: nd.ServiceContext) -> None:
+        ctx.ready()
+        while True:
+            try:
+                async with ctx.job("forever"):
+                    await trio.sleep_forever()
+            finally:
+                cut[ctx.name].append(trio.current_time())
+
+    sup.add(holds_jobs, name="long", grace=60.0, restart="temporary")
+    sup.add(holds_jobs, name="short", grace=3.0, restart="temporary")
+    with trio.fail_after(1000):
+        async with nd.open_supervisor(sup) as running:
+            await sup.drain("long")
+            await sup.wait_state("long", S.STOPPED)
+            assert cut["long"] == [60.0]
+            await sup.drain("short")
+            await sup.wait_state("short", S.STOPPED)
+            assert cut["short"] == [63.0]
+            await sup.start("long")
+            await sup.start("short")
+            await sup.wait_state("short", S.RUNNING)
+            await sup.drain()
+            await running.wait_finished()
+    # Stop order: short (its own 3 s), then long, cut at the app's 10 s deadline, not 60 s.
+    assert cut == {"long": [60.0, 73.0], "short": [63.0, 66.0]}
+
+
+async def test_ctx_deadline_is_infinite_until_a_drain_then_the_grace_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    sup = nd.Supervisor("deadline", grace=7.0)
+    seen: list[float] = []
+
+    @sup.service
+    async def service(ctx: nd.ServiceContext) -> None:
+        ctx.ready()
+        seen.append(ctx.deadline)
+        await ctx.wait_draining()
+        seen.append(ctx.deadline)
+
+    with trio.fail_after(100):
+        async with nd.open_supervisor(sup):
+            await trio.sleep(5.0)
+            await sup.drain()
+    assert seen == [math.inf, 12.0]
+
+
+async def test_nowait_twins_start_restart_and_extend_grace_from_synchronous_code(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    sup = nd.Supervisor("nowait", grace=5.0)
+    runs: list[float] = []
+    ended: list[float] = []
+
+    @sup.service(restart="temporary")
+    async def worker(ctx: nd.ServiceContext) -> None:
+        runs.append(trio.current_time())
+        ctx.ready()
+        async with ctx.job("slow"):
+            await trio.sleep(20.0)
+        ended.append(trio.current_time())
+        await ctx.wait_draining()
+
+    def on_signal(action: str) -> None:  # synchronous, as a signal handler is
+        if action == "start":
+            sup.start_nowait("worker")
+        elif action == "restart":
+            sup.restart_nowait("worker")
+        else:
+            sup.extend_grace_nowait(10.0, "worker")
+
+    with trio.fail_after(1000):
+        async with nd.open_supervisor(sup):
+            await sup.drain("worker")
+            await sup.wait_state("worker", S.STOPPED)
+            assert trio.current_time() == 5.0  # the job was cut at the grace
+            on_signal("start")
+            await sup.wait_state("worker", S.RUNNING)
+            assert runs == [0.0, 5.0]
+            await trio.sleep(1.0)
+            on_signal("restart")
+            await sup.wait_state("worker", S.DRAINING)
+            on_signal("extend")
+            await sup.wait_state("worker", S.RUNNING)
+            # Drained from 6 s with a 5 s grace extended by 10 s: cut at 21 s, then started.
+            assert runs == [0.0, 5.0, 21.0]
+    assert ended == []

@@ -88,3 +88,30 @@ async def test_a_worker_pool_job_shows_where_its_handler_waits(
     assert functions[0] == "_work"  # the pool's worker
     assert functions.index("handle") < functions.index("call_the_payment_provider")
     assert stack["task"] == "pool worker"
+
+
+async def test_the_task_tree_lists_2000_tasks_and_counts_the_others(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    def every_task() -> int:
+        count = 0
+        stack = [trio.lowlevel.current_root_task()]
+        while stack:
+            task = stack.pop()
+            assert task is not None
+            count += 1
+            stack.extend(child for nursery in task.child_nurseries for child in nursery.child_tasks)
+        return count
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            for _ in range(2050):
+                nursery.start_soon(trio.sleep_forever)
+            await trio.testing.wait_all_tasks_blocked()
+            tree = task_tree()
+            total = every_task()
+            nursery.cancel_scope.cancel()
+    listed = [line for line in tree.splitlines() if line.lstrip().startswith("task ")]
+    assert len(listed) == 2000
+    assert tree.rstrip().splitlines()[-1] == f"... and {total - 2000} more tasks"
+    assert total - 2000 >= 50

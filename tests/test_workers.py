@@ -325,3 +325,49 @@ async def test_the_outer_of_nested_jobs_stays_shielded_after_the_inner_one_ends(
             await sup.wait_state("service", S.FAILED)
     assert finished == [6.0]
     assert counts(sup) == (2, 0, 0)
+
+
+@pytest.mark.parametrize(
+    ("placement", "job_ends_at"),
+    [("worker", 1.0), ("service task", 1.0), ("task of its own", 5.0)],
+)
+async def test_a_scope_without_a_deadline_cancelled_by_hand_reaches_a_job_directly_in_its_task(
+    autojump_clock: trio.testing.MockClock, placement: str, job_ends_at: float
+) -> None:
+    # A worker (or the service function) lends its own scope to a job block entered
+    # directly in it, so a plain scope opened around the block and cancelled by hand
+    # reaches the job; a job in a task of one's own enters a shielded scope of its own.
+    scopes: list[trio.CancelScope] = []
+    seen: list[tuple[str, float]] = []
+
+    async def jobs(ctx: nd.ServiceContext) -> None:
+        with trio.CancelScope() as scope:
+            scopes.append(scope)
+            try:
+                async with ctx.job("cancellable"):
+                    await trio.sleep(5)
+            finally:
+                seen.append(("job ended", trio.current_time()))
+        seen.append(("went on", trio.current_time()))
+
+    sup = nd.Supervisor("by-hand", grace=30.0)
+
+    @sup.service(restart="temporary")
+    async def service(ctx: nd.ServiceContext) -> None:
+        ctx.ready()
+        if placement == "worker":
+            await ctx.run_workers(1, jobs, ctx)
+        elif placement == "service task":
+            await jobs(ctx)
+        else:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(jobs, ctx)
+
+    with trio.fail_after(100):
+        async with nd.open_supervisor(sup):
+            await trio.sleep(1)
+            (scope,) = scopes
+            scope.cancel()
+            await sup.wait_finished()
+    assert seen == [("job ended", job_ends_at), ("went on", job_ends_at)]
+    assert counts(sup)[0] == (1 if job_ends_at == 5.0 else 0)
