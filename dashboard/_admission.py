@@ -83,15 +83,21 @@ def admit_requests(
         if scope["type"] != "http" or scope["path"] in STREAM_PATHS:
             await app(scope, receive, send)
             return
-        if places.value == 0 and queued >= waiting:
-            message = encode_json({"error": f"the dashboard is busy: try again in {RETRY_AFTER} s"})
-            await respond(send, 503, message.encode(), b"application/json")
-            return
-        queued += 1
         try:
-            await places.acquire()
-        finally:
-            queued -= 1
+            # A free place is taken at once: only a request that has to wait counts
+            # as waiting (a burst in one instant would otherwise count its first ones
+            # twice, as running and as waiting, until they resume).
+            places.acquire_nowait()
+        except trio.WouldBlock:
+            if queued >= waiting:
+                busy = f"the dashboard is busy: try again in {RETRY_AFTER} s"
+                await respond(send, 503, encode_json({"error": busy}).encode(), b"application/json")
+                return
+            queued += 1
+            try:
+                await places.acquire()
+            finally:
+                queued -= 1
         try:
             if scope["path"] == LIVENESS_PATH and scope["method"] in ("GET", "HEAD"):
                 body = b"ok\n" if scope["method"] == "GET" else b""

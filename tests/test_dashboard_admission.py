@@ -92,6 +92,22 @@ async def test_requests_beyond_running_and_waiting_get_503_with_retry_after() ->
     assert entered == ["/api/snapshot", "/api/snapshot"]
 
 
+async def test_a_burst_in_one_instant_fills_every_running_and_waiting_place() -> None:
+    app, release, entered = blocking_app()
+    admitted = admit(app, running=2, waiting=3)
+    recorders = [Recorder() for _ in range(6)]
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            for number, recorder in enumerate(recorders):  # all in one scheduler pass
+                nursery.start_soon(admitted, http_scope(f"/r/{number}"), receive, recorder)
+            await trio.testing.wait_all_tasks_blocked()
+            # 2 run and 3 wait: only the sixth, whichever ran last, is refused.
+            assert len(entered) == 2
+            assert [recorder.status for recorder in recorders if recorder.messages] == [503]
+            release.set()
+    assert sorted(recorder.status for recorder in recorders) == [200] * 5 + [503]
+
+
 async def test_event_streams_are_not_counted() -> None:
     app, release, entered = blocking_app()
     admitted = admit(app, running=1, waiting=0)
