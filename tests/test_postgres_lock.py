@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import psycopg
 import pytest
 import trio
@@ -49,6 +51,32 @@ async def test_one_holder_at_a_time_and_the_next_takes_over_on_release(
     assert order == ["first holds", "first releases", "second holds"]
     assert not first.held
     assert not second.held
+
+
+async def test_a_wait_cancelled_closes_its_connection_and_takes_nothing(
+    postgres_dsn: str,
+) -> None:
+    holder, waiter = lock_of(postgres_dsn), lock_of(postgres_dsn)
+    tries = 0
+    call = waiter._database.call
+
+    async def counted(function: Any, *args: Any) -> Any:
+        nonlocal tries
+        tries += 1
+        return await call(function, *args)
+
+    waiter._database.call = counted  # type: ignore[method-assign]
+    with trio.fail_after(PATIENCE):
+        async with holder.hold():
+            with trio.move_on_after(0.5 + 2 * waiter.poll_interval) as waited:
+                async with waiter.hold():
+                    raise AssertionError("the waiter took a held lock")
+            assert waited.cancelled_caught
+            assert tries >= 2  # it waited, looking again, until cancelled
+            assert waiter._database._connection is None  # closed, not left to the collector
+            assert not waiter.held
+        async with waiter.hold():  # free again, and its row is not in the way
+            assert waiter.held
 
 
 async def test_a_dead_holders_lease_expires(postgres_dsn: str) -> None:

@@ -113,9 +113,12 @@ class PostgresLock:
         """
         if self._token is not None:
             raise ConfigurationError(f"lock {self.name!r} is already held by this object")
-        token = await self._acquire()
+        token = uuid.uuid4()
         lost: str | None = None
         try:
+            # Inside the try: a wait cancelled (or failed) still closes the connection,
+            # and releases a lock its last try may have taken.
+            await self._acquire(token)
             async with trio.open_nursery() as nursery:
 
                 async def renew() -> None:
@@ -130,32 +133,35 @@ class PostgresLock:
                     nursery.cancel_scope.cancel()
         finally:
             self._token = None
-            with trio.CancelScope(shield=True), trio.move_on_after(self.poll_interval * 4):
-                try:
-                    await self._database.call(_release_sync, self.name, token)
-                except QueueError as exc:
-                    logger.warning(
-                        "lock %s: cannot release it (%s); it expires %g s after its last renewal",
-                        self.name,
-                        exc,
-                        self.lease,
-                    )
-            await self._database.aclose()
+            # Shielded: a block or a wait cancelled from outside still releases the
+            # lock and closes the connection.
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(self.poll_interval * 4):
+                    try:
+                        await self._database.call(_release_sync, self.name, token)
+                    except QueueError as exc:
+                        logger.warning(
+                            "lock %s: cannot release it (%s); it expires %g s after its "
+                            "last renewal",
+                            self.name,
+                            exc,
+                            self.lease,
+                        )
+                await self._database.aclose()
         if lost is not None:
             raise LockLostError(
                 f"lock {self.name!r} {lost}, so its block was cancelled: another process "
                 "may hold it now"
             )
 
-    async def _acquire(self) -> uuid.UUID:
-        token = uuid.uuid4()
+    async def _acquire(self, token: uuid.UUID) -> None:
         while True:
             try:
                 if await self._database.call(
                     _acquire_sync, self.name, self.holder, token, self.lease
                 ):
                     self._token = token
-                    return token
+                    return
             except QueueUnavailableError as exc:
                 logger.warning("lock %s: %s; trying again", self.name, exc)
             await trio.sleep(self.poll_interval)
