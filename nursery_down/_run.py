@@ -15,7 +15,12 @@ from typing import Any
 import trio
 
 from ._budget import check_seconds, grace_budget
-from ._exceptions import ConfigurationError, NurseryDownError, error_leaves
+from ._exceptions import (
+    ConfigurationError,
+    NurseryDownError,
+    error_leaves,
+    requested_exit_code,
+)
 from ._fleet import (
     DEFAULT_INTERVAL,
     FLEET_INTERVAL_ENV,
@@ -349,7 +354,7 @@ def _exit_code_for(exc: BaseException) -> int:
                 code,
             )
             # Ending by exception is never "every job finished": keep a failing code.
-            return code if isinstance(code, int) and 0 < code < 256 else EXIT_FAILED
+            return requested_exit_code(leaf) or EXIT_FAILED
     if all(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
         logger.error("KeyboardInterrupt ended the program; work in flight had at most its grace")
         return EXIT_FAILED

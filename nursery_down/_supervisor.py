@@ -16,7 +16,12 @@ from typing import Any, overload
 import trio
 
 from ._events import Event, EventHub, Subscription
-from ._exceptions import ConfigurationError, InvalidTransitionError, UnknownJobError
+from ._exceptions import (
+    ConfigurationError,
+    InvalidTransitionError,
+    UnknownJobError,
+    requested_exit_code,
+)
 from ._health import HealthCheck
 from ._pool import sources_of
 from ._records import ServiceRecord
@@ -297,8 +302,8 @@ class Supervisor:
                 # Even if every service stopped on the way down (and the app already
                 # said "stopped, exit code 0"), this is no clean exit.
                 app.crashed = True
-                app.exit_code = EXIT_FAILED
-                message = f"torn down by {_describe(exc)}: exit code {EXIT_FAILED}"
+                app.exit_code = requested_exit_code(exc) or EXIT_FAILED
+                message = f"torn down by {_describe(exc)}: exit code {app.exit_code}"
                 logger.error("supervisor %s %s", self.name, message)
                 if self.app_state == "stopped":  # (read anew: it changed during the run)
                     app.event(message)

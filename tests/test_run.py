@@ -57,6 +57,9 @@ def test_system_exit_with_a_code_raised_by_a_service_exits_with_that_code(
     result = run_until_it_ends(launcher, f"system-exit:{code}")
     assert "ender ready" in result.stdout, result.stderr
     assert result.returncode == code, result.stderr
+    # What the log says agrees with how the process exits.
+    assert f"torn down by SystemExit({code}): exit code {code}" in result.stderr
+    assert "exit code 1" not in result.stderr
 
 
 @pytest.mark.parametrize("launcher", list(LAUNCHERS))
