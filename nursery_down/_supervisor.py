@@ -410,6 +410,14 @@ class Supervisor:
                 record, trio.current_time() + self._services.grace_of(record, grace)
             )
 
+    def _drain_for_upgrade(self, actor: str) -> None:
+        """Drain the whole app at once, without the pre-drain delay: a new generation
+        of the program took over its sockets, so there is no traffic to wait out, and
+        what this one still claimed it would claim beside the new one."""
+        self._require_running()
+        self._action("drain", None, actor)
+        self._app.begin_drain(None, delay=0.0)
+
     async def start(self, name: str, *, actor: str = "code") -> None:
         """Start a STOPPED or FAILED service again. A service already up is left alone.
 

@@ -349,16 +349,20 @@ class Upgrader:
         if ended != "ready":
             # A new generation that gave up or closed its pipe is exiting (draining):
             # let it finish, so that it gives back its work and its exit code says why.
-            exiting = ended in ("failed", "exited")
-            await _kill_and_reap(process, wait=EXIT_PATIENCE if exiting else 0.0)
+            # One told to stop (not ready in time, or called off) may already serve
+            # connections on the shared sockets: SIGTERM drains them first.
+            if ended in ("timeout", "draining"):
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(signal.SIGTERM)
+            await _kill_and_reap(process, wait=EXIT_PATIENCE)
             code = process.returncode
+            how = "was killed" if code is None or code < 0 else f"exited with code {code}"
             if ended == "failed":
-                how = "was killed" if code is None or code < 0 else f"exited with code {code}"
                 reason = f"could not take over: {detail} (it {how})"
             elif ended == "timeout":
-                reason = f"was not ready within {self.timeout:g} s and was killed"
+                reason = f"was not ready within {self.timeout:g} s and was stopped (it {how})"
             elif ended == "draining":
-                reason = "was killed: this process began to drain before it was ready"
+                reason = f"was stopped: this process began to drain before it was ready (it {how})"
             elif code is not None and code < 0:
                 reason = f"was killed by {signal.Signals(-code).name} before it was ready"
             else:
@@ -380,7 +384,7 @@ class Upgrader:
             upgrade="handed over",
             pid=process.pid,
         )
-        supervisor.drain_nowait(actor=f"upgrade (new generation pid {process.pid})")
+        supervisor._drain_for_upgrade(actor=f"upgrade (new generation pid {process.pid})")
         self._handed_over.set()
         if self._nursery is not None:
             self._nursery.start_soon(self._report_drain, alive_write)
@@ -430,7 +434,8 @@ class Upgrader:
         return ended, detail
 
 
-#: Seconds a new generation that gave up is given to drain and exit before it is killed.
+#: Seconds a new generation that gave up, or was told to stop, is given to drain and
+#: exit before it is killed.
 EXIT_PATIENCE = 5.0
 
 

@@ -162,6 +162,7 @@ class App:
         hold: bool = False,
         prefix: tuple[str, ...] = (),
         command: tuple[str, ...] = (sys.executable, str(PROGRAM)),
+        pre_drain: float = 0.0,
     ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.log_path = directory / "stderr"
@@ -197,6 +198,8 @@ class App:
         )
         if hold:
             env["UPGRADE_APP_HOLD_FILE"] = str(self.hold_file)
+        if pre_drain:
+            env["NURSERY_DOWN_PRE_DRAIN"] = f"{pre_drain:g}"
         if token is not None:
             env["NURSERY_DOWN_TOKEN"] = token
         if notify_socket is not None:
@@ -218,7 +221,8 @@ class App:
         self.token = ""
 
     def wait_up(self) -> None:
-        """Wait until the listener's port is known and the dashboard has its URL line."""
+        """Wait until the listener's port is known, the dashboard has its URL line and
+        every service started."""
         self.port = self.wait("the port file", self._read_port, watch=self.first)
         match = self.wait(
             "the dashboard's URL line", lambda: URL_LINE.search(self.log()), watch=self.first
@@ -227,6 +231,8 @@ class App:
         token = self.given_token if self.given_token is not None else match.group(3)
         assert token, self.describe()
         self.token = token
+        # Up means running: an upgrade asked while the app still starts is refused.
+        self.wait_log("every service started", watch=self.first)
 
     def _read_port(self) -> int | None:
         try:
@@ -374,6 +380,14 @@ class App:
     def snapshot_pid(self) -> int:
         pid: int = self.snapshot()["pid"]
         return pid
+
+    def dashboard_pid(self) -> int | None:
+        """The pid whose dashboard answers now; None for a connection that the old
+        generation's dashboard closed unanswered as it stopped in that instant."""
+        try:
+            return self.snapshot_pid()
+        except (AssertionError, OSError):
+            return None
 
     def terminate(self, pid: int) -> None:
         """SIGTERM to generation *pid*: it must drain and exit 0."""
@@ -625,7 +639,7 @@ def test_a_new_generation_that_hangs_is_killed_after_the_timeout(
         assert status == 502, body
         (hung,) = app.started()
         assert body["error"].startswith(failed_line(hung)), body
-        assert "was not ready within 2 s and was killed" in body["error"], body
+        assert "was not ready within 2 s and was stopped" in body["error"], body
         assert took >= 2.0, f"answered {took:.2f} s after the request"
         more_answers(app, client, old)
 
@@ -661,7 +675,7 @@ def test_a_second_upgrade_while_one_is_pending_is_refused(launch: Callable[..., 
     refused = f"an upgrade is already under way (new generation pid {pending})"
     assert refusals == [(409, {"error": refused})] * 5, refusals
     assert status == 502, body
-    assert "was not ready within 8 s and was killed" in body["error"], body
+    assert "was not ready within 8 s and was stopped" in body["error"], body
     assert app.started() == [pending], "a refused upgrade started a generation"
     assert proc_state(pending) is None, app.describe()
 
@@ -759,6 +773,26 @@ def test_a_failed_upgrade_leaves_the_pid_file_naming_the_old_generation(
     assert pid_file.read_text() == f"{old}\n"
     app.terminate(old)
     assert not pid_file.exists()
+
+
+def test_the_old_generation_drains_without_the_pre_drain_delay(
+    launch: Callable[..., App],
+) -> None:
+    app = launch(pre_drain=PATIENCE)  # a drain of its own would wait that long first
+    old = app.first
+    app.set_generation("2")
+    status, body = app.upgrade_by_api()
+    assert status == 202, body
+    new = body["upgraded_to"]
+    assert app.exit_code(old) == 0, app.describe()  # well within PATIENCE
+    assert "pre-drain delay" not in app.log(), app.describe()
+    assert ask(app.port) == (new, "2")
+    # Its own drain keeps the delay: a second SIGTERM (an escalate) ends it at once,
+    # and cuts its service, still serving: exit code 3.
+    app.signal(new, signal.SIGTERM)
+    app.wait_log("pre-drain delay", watch=new)
+    app.signal(new, signal.SIGTERM)
+    assert app.exit_code(new) == 3, app.describe()
 
 
 def test_sigkill_of_the_new_generation_mid_handshake(launch: Callable[..., App]) -> None:
@@ -912,7 +946,10 @@ def test_the_new_generation_shows_the_previous_one_while_it_drains(
     # The old generation's dashboard stops accepting at the hand-over: from then on every
     # request reaches the new one, which reports the old one's drain.
     def previous_draining() -> dict[str, Any] | None:
-        snapshot = app.snapshot()
+        try:
+            snapshot = app.snapshot()
+        except (AssertionError, OSError):
+            return None  # closed unanswered by the old dashboard as it stopped
         previous = snapshot["previous_generation"]
         if snapshot["pid"] != new or previous is None or previous["state"] != "draining":
             return None
@@ -1176,7 +1213,7 @@ def test_an_upgrade_is_refused_while_the_previous_generation_still_drains(
     status, body = app.upgrade_by_api()
     assert status == 202, body
     new = body["upgraded_to"]
-    app.wait("the new generation's dashboard", lambda: app.snapshot_pid() == new, watch=new)
+    app.wait("the new generation's dashboard", lambda: app.dashboard_pid() == new, watch=new)
 
     refused = f"cannot upgrade yet: the previous generation (pid {old}) is still draining"
     assert app.upgrade_by_api() == (409, {"error": refused})
