@@ -245,9 +245,14 @@ def _seconds(text: str) -> float:
 
 
 def _positive_seconds(text: str) -> float:
-    value = _seconds(text)
+    try:
+        value = _seconds(text)
+    except argparse.ArgumentTypeError:
+        value = 0.0  # said below, with the bound that applies here
     if value == 0:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected a finite number of seconds > 0, got {text!r}"
+        ) from None
     return value
 
 

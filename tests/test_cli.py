@@ -88,6 +88,10 @@ def test_a_bad_service_graph_is_one_line(tmp_path: Path) -> None:
         (("run",), "the following arguments are required: TARGET"),
         (("run", "x:y", "--grace", "soon"), "expected seconds, got 'soon'"),
         (("run", "x:y", "--grace", "-3"), "expected a finite number of seconds >= 0"),
+        *(
+            (("run", "x:y", "--upgrade-timeout", bad), "expected a finite number of seconds > 0")
+            for bad in ("-1", "0", "soon", "nan", "inf")
+        ),
         (("run", "x:y", "--dashboard", "a:1", "--no-dashboard"), "not allowed with argument"),
     ],
 )
