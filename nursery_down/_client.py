@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ._exceptions import NurseryDownError
+from ._spec import SERVICE_NAME
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 
@@ -66,7 +67,7 @@ class ApiClient:
         if service is None:
             path = f"/api/{action}"
         else:
-            path = f"/api/services/{urllib.parse.quote(service, safe='')}/{action}"
+            path = f"/api/services/{_service_segment(service)}/{action}"
         return self._request("POST", path, body)
 
     def dead_letters(self, service: str, source: int) -> dict[str, Any]:
@@ -259,7 +260,19 @@ def _require_command(answer: object, where: str) -> dict[str, Any]:
 
 
 def _dead_path(service: str, source: int) -> str:
-    return f"/api/services/{urllib.parse.quote(service, safe='')}/sources/{int(source)}/dead"
+    return f"/api/services/{_service_segment(service)}/sources/{int(source)}/dead"
+
+
+def _service_segment(service: str) -> str:
+    """*service* as a URL path segment; :class:`ClientError` for what no service can be
+    named (asked anyway, the answer would only be that nothing is at that path)."""
+    if not SERVICE_NAME.fullmatch(service):
+        shown = service if len(service) <= 80 else f"{service[:80]}..."
+        raise ClientError(
+            f"no service can be named {shown!r}: service names are 1 to 64 ASCII letters, "
+            "digits, '_', '.' or '-', beginning with a letter, a digit or '_'"
+        )
+    return urllib.parse.quote(service, safe="")
 
 
 def _require_dead(answer: object, where: str) -> dict[str, Any]:

@@ -132,6 +132,22 @@ def test_a_bad_url_is_one_line_and_exit_2(
     assert_one_line_error(*run_cli(capsys, "status", "--url", url, "--token", "t"), expected)
 
 
+@pytest.mark.parametrize("name", ["../x", "db/primary", "a b", "café", ".hidden", "x" * 65, "%2e%2e"])
+@pytest.mark.parametrize(
+    "command", [("drain",), ("restart",), ("escalate",), ("start",), ("dead", "list")]
+)
+def test_a_name_no_service_can_have_is_one_line_and_asks_nothing(
+    capsys: pytest.CaptureFixture[str],
+    server: tuple[str, list[tuple[str, str, str]]],
+    command: tuple[str, ...],
+    name: str,
+) -> None:
+    url, seen = server
+    result = run_cli(capsys, *command, name, "--url", url, "--token", "t")
+    assert_one_line_error(*result, "no service can be named")
+    assert seen == []  # refused before any request
+
+
 @pytest.mark.parametrize("token", ["tökén", "a\r\nInjected: yes", "tab\there", "\x00"])
 def test_a_token_that_cannot_go_in_a_header_is_one_line_and_exit_2(
     capsys: pytest.CaptureFixture[str], server: tuple[str, list[tuple[str, str, str]]], token: str
