@@ -1214,6 +1214,32 @@ async def test_claims_and_settles_wait_out_an_outage(
 
 
 @pytest.mark.subprocess
+async def test_a_settle_waits_for_a_server_that_is_away_no_longer_than_the_lease(
+    dsn: str, postgres_server: PostgresServer
+) -> None:
+    if not postgres_server.owned:
+        pytest.skip("the server of $NURSERY_DOWN_TEST_POSTGRES is not ours to stop")
+    # A connect timeout far longer than the lease: the lease bounds the wait.
+    async with PostgresQueue(dsn, connect_timeout=30, lease=1.5, heartbeat=0.25) as queue:
+        await queue.put("kept")
+        job = await claim(queue)
+        await trio.to_thread.run_sync(postgres_server.stop, "fast")
+        try:
+            with trio.fail_after(PATIENCE):
+                started = trio.current_time()
+                await queue.ack(job)  # gives up: its lease lapses, the job runs again
+                waited = trio.current_time() - started
+        finally:
+            await trio.to_thread.run_sync(postgres_server.start)
+        assert waited <= 1.5 + 0.5, f"the ack waited {waited:.2f} s for a lease of 1.5 s"
+        assert queue.lost_leases == 1
+    async with PostgresQueue(dsn, lease=1.5, heartbeat=0.25) as queue:
+        again = await claim(queue)  # once the lease lapsed, the sweeper put it back
+        assert again.payload == "kept"
+        await queue.ack(again)
+
+
+@pytest.mark.subprocess
 async def test_a_paused_worker_loses_its_leases_after_the_lease_and_its_late_acks_are_fenced(
     dsn: str, ledger: Path, tmp_path: Path, processes: list[subprocess.Popen[bytes]]
 ) -> None:

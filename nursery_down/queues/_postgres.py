@@ -208,6 +208,8 @@ class PostgresQueue:
             )
         self.poll_interval = require_seconds("poll_interval", poll_interval, positive=True)
         self.connect_timeout = require_seconds("connect_timeout", connect_timeout, positive=True)
+        # How long one try of a settle waits for a connection: a few tries fit in a lease.
+        self._settle_wait = min(self.connect_timeout, self.lease / 3)
         self.keep_done = require_seconds("keep_done", keep_done)
         self.keep_history = (
             None if keep_history is None else require_seconds("keep_history", keep_history)
@@ -537,18 +539,21 @@ class PostgresQueue:
         *args: Any,
         retry: bool = True,
         limiter: trio.CapacityLimiter | None = None,
+        wait: float | None = None,
     ) -> T:
         """Run ``function(connection, *args)`` in a worker thread on a pooled connection.
 
         With *retry* (the call changes nothing twice: it is fenced on a lease, or only
         reads) a dropped connection gets it a second try on a fresh one; without, only
-        when the server said the statement never ran.
+        when the server said the statement never ran. *wait* bounds the wait for a
+        connection (default: the connect timeout).
         """
         assert self._limiter is not None
         if self._pool is None:
             raise trio.ClosedResourceError("this PostgresQueue was closed")
         return await trio.to_thread.run_sync(
-            functools.partial(self._run, function, args, retry), limiter=limiter or self._limiter
+            functools.partial(self._run, function, args, retry, wait or self.connect_timeout),
+            limiter=limiter or self._limiter,
         )
 
     async def _settle(
@@ -574,6 +579,8 @@ class PostgresQueue:
         # first try needs no shielded scope: one for each job is a noticeable part of
         # what a trivial job costs.
         settled: bool | None = None
+        # Settles wait for a server that is away as long as the lease, from here.
+        give_up = trio.current_time() + self.lease
         if action != "fail":  # a fail runs through a thread call, which a cancellation stops
             try:
                 settled = await send((job.id, token))
@@ -583,7 +590,7 @@ class PostgresQueue:
                 self._recovered("settles")
         if settled is None:
             with trio.CancelScope(shield=True):
-                settled = await self._settle_patiently(job, action, send, token, *args)
+                settled = await self._settle_patiently(job, action, send, token, give_up, *args)
         if settled is None:
             return
         if not settled:
@@ -598,17 +605,18 @@ class PostgresQueue:
         action: str,
         send: Callable[..., Awaitable[bool]],
         token: uuid.UUID,
+        give_up: float,
         *args: Any,
     ) -> bool | None:
         """Settle with ``send((job id, token), *args)``, waiting out an outage of the
-        server for as long as the lease would last; None if it stayed away that long
-        (the lease lapses, the job runs again)."""
-        give_up = trio.current_time() + self.lease
+        server until *give_up* (a lease from the first try); None if it stayed away
+        that long (the lease lapses, the job runs again). A try waits at most
+        ``_settle_wait`` for a connection, and none starts that would end past *give_up*."""
         while True:
             try:
                 settled = await send((job.id, token), *args)
             except QueueUnavailableError as exc:
-                if trio.current_time() >= give_up:
+                if trio.current_time() + self.heartbeat + self._settle_wait > give_up:
                     self._lost_count += 1
                     logger.warning(
                         "PostgresQueue %s: could not %s job %d for %g s (%s): its lease "
@@ -627,18 +635,18 @@ class PostgresQueue:
                 return settled
 
     async def _send_fail(self, lease: tuple[int, uuid.UUID], error: str) -> bool:
-        return await self._call(self._fail_sync, *lease, error)
+        return await self._call(self._fail_sync, *lease, error, wait=self._settle_wait)
 
     async def _send_puts(self, texts: list[str]) -> list[int]:
         # Not tried again on a dropped connection: the first try may have committed.
         return await self._call(self._put_sync, texts, retry=False)
 
     async def _send_acks(self, leases: list[tuple[int, uuid.UUID]]) -> list[bool]:
-        settled = await self._call(self._ack_sync, leases)
+        settled = await self._call(self._ack_sync, leases, wait=self._settle_wait)
         return [token in settled for _id, token in leases]
 
     async def _send_releases(self, leases: list[tuple[int, uuid.UUID]]) -> list[bool]:
-        settled = await self._call(self._release_sync, leases)
+        settled = await self._call(self._release_sync, leases, wait=self._settle_wait)
         return [token in settled for _id, token in leases]
 
     def _outage(self, what: str, exc: BaseException) -> None:
@@ -757,7 +765,9 @@ class PostgresQueue:
 
     # -- internals: in a worker thread ----------------------------------------------------
 
-    def _run(self, function: Callable[..., T], args: tuple[Any, ...], retry: bool) -> T:
+    def _run(
+        self, function: Callable[..., T], args: tuple[Any, ...], retry: bool, wait: float
+    ) -> T:
         import psycopg
         import psycopg_pool
 
@@ -766,7 +776,7 @@ class PostgresQueue:
             raise trio.ClosedResourceError("this PostgresQueue was closed")
         for attempt in (1, 2):
             try:
-                with pool.connection(timeout=self.connect_timeout) as connection:
+                with pool.connection(timeout=wait) as connection:
                     return function(connection, *args)
             except psycopg_pool.PoolTimeout as exc:
                 raise self._unavailable(exc) from None
