@@ -57,7 +57,10 @@ class Drain(Protocol):
 
     now: Callable[[], float]
     deadline: float
-    worker_cut: bool
+
+    @property
+    def cut(self) -> bool: ...
+
     report: ServiceDrainReport | None
 
 
@@ -162,7 +165,8 @@ class ServiceDrainReport:
             # The grace in the end, after extend_grace or escalate moved the deadline.
             "final_grace": final_grace if math.isfinite(final_grace) else None,
             "duration": round(duration, 6),
-            "within_grace": counts[CUT] + counts[RELEASED] == 0 and not drain.worker_cut,
+            # Nothing cut: no job, and no work of the service outside one.
+            "within_grace": counts[CUT] + counts[RELEASED] == 0 and not drain.cut,
             "jobs": len(described),
             "finished": counts[FINISHED],
             "failed": counts[FAILED],
@@ -197,6 +201,13 @@ def summary(report: dict[str, Any]) -> str:
             f"{_count(len(report['services']), 'service')}, {_jobs(jobs)}, {finished} finished, "
             f"{cut} cut, in {report['duration']:.1f} s of the {round(report['grace'], 1):g} s grace"
         ]
+        overran = [
+            log_safe(s["service"])
+            for s in report["services"]
+            if not s["within_grace"] and not s["hard_cancelled"] + s["released"]
+        ]
+        if overran:  # no job cut, yet the grace was: say what it cut
+            parts.append(f"{', '.join(overran)} still running at the grace deadline")
         if report["exit_code"] is not None:
             parts.append(f"exit code {report['exit_code']}")
         return ", ".join(parts)
@@ -218,6 +229,8 @@ def summary(report: dict[str, Any]) -> str:
                 f"({shown}), "
                 f"{words}"
             )
+    if not report["within_grace"] and not report["hard_cancelled"] + report["released"]:
+        counts.append("still running at the grace deadline, and cut there")
     line = f"{parts[0]}: {', '.join(counts)}"
     if not report["finished"] and not report["hard_cancelled"] and not report["released"]:
         line += f", over in {report['duration']:.1f} s"

@@ -100,6 +100,32 @@ async def test_whole_app_drain_report_groups_services_and_gives_the_exit_code(
     assert sup.last_app_drain_report() == report
 
 
+async def test_a_service_cut_at_the_deadline_with_no_job_says_so(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    sup = nd.Supervisor("app", grace=5.0)
+
+    @sup.service
+    async def lingering(ctx: nd.ServiceContext) -> None:
+        ctx.ready()
+        await ctx.wait_draining()
+        await trio.sleep(60)  # outside any job: only the grace deadline ends it
+
+    caplog.set_level(logging.INFO, logger="nursery_down")
+    with trio.fail_after(100):
+        async with nd.open_supervisor(sup):
+            await sup.drain(actor="signal SIGTERM")
+            await sup.wait_finished()
+    assert sup.exit_code == nd.EXIT_HARD_CANCELLED
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("drain of")]
+    assert lines == [
+        "drain of lingering by signal SIGTERM: 0 jobs, still running at the grace deadline, "
+        "and cut there, over in 5.0 s",
+        "drain of the whole app by signal SIGTERM: 1 service, 0 jobs, 0 finished, 0 cut, "
+        "in 5.0 s of the 5 s grace, lingering still running at the grace deadline, exit code 3",
+    ]
+
+
 async def test_escalate_restart_and_pool_jobs_released_to_their_source(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
