@@ -214,16 +214,6 @@ def describe_error(error: BaseException | str) -> str:
     return str(error)
 
 
-def requested_exit_code(error: BaseException) -> int | None:
-    """The exit code a ``SystemExit(N)`` in *error* (a group or not) asks for, 1 to
-    255; None if it holds none. Any other ending by an exception is exit code 1."""
-    for leaf in error_leaves(error):
-        code = leaf.code if isinstance(leaf, SystemExit) else None
-        if isinstance(code, int) and 0 < code < 256:
-            return code
-    return None
-
-
 def error_leaves(error: BaseException) -> list[BaseException]:
     """The exceptions in *error*, a group or not, groups within groups flattened."""
     if isinstance(error, BaseExceptionGroup):

@@ -15,12 +15,7 @@ from typing import Any
 import trio
 
 from ._budget import check_seconds, grace_budget
-from ._exceptions import (
-    ConfigurationError,
-    NurseryDownError,
-    error_leaves,
-    requested_exit_code,
-)
+from ._exceptions import ConfigurationError, NurseryDownError, error_leaves
 from ._fleet import (
     DEFAULT_INTERVAL,
     FLEET_INTERVAL_ENV,
@@ -30,9 +25,10 @@ from ._fleet import (
 )
 from ._notify import serve_notify
 from ._signals import HupAction, holding_signals, ignore_signals_until_exit, serve_signals
-from ._supervisor import EXIT_FAILED, EXIT_USAGE, Supervisor
+from ._supervisor import Supervisor
 from ._upgrade import DEFAULT_TIMEOUT, Upgrader, remove_pid_file, write_pid_file
 from ._validate import require_seconds, seconds_from_environ
+from ._whole_app import exit_code_for_error
 
 logger = logging.getLogger("nursery_down")
 
@@ -331,32 +327,26 @@ def run(
 
 
 def _exit_code_for(exc: BaseException) -> int:
-    """Map what escaped trio.run to an exit code, with one clear log line.
+    """The exit code for what escaped trio.run (:func:`exit_code_for_error`), with one
+    clear log line.
 
     By then every job has had at most its grace (the supervisor sees to that
     whatever ends it), so this only names the cause.
     """
     leaves = error_leaves(exc)
-    for leaf in leaves:
-        if isinstance(leaf, ConfigurationError):
-            logger.error("%s", leaf)
-            return EXIT_USAGE
-    for leaf in leaves:
-        if isinstance(leaf, NurseryDownError):
-            logger.error("%s", leaf)
-            return EXIT_FAILED
-    for leaf in leaves:
-        if isinstance(leaf, SystemExit):
-            code = leaf.code
-            logger.error(
-                "the program was ended by SystemExit(%r) raised inside it; work in flight "
-                "had at most its grace",
-                code,
-            )
-            # Ending by exception is never "every job finished": keep a failing code.
-            return requested_exit_code(leaf) or EXIT_FAILED
-    if all(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
+    ours = [leaf for leaf in leaves if isinstance(leaf, NurseryDownError)]
+    ours.sort(key=lambda leaf: not isinstance(leaf, ConfigurationError))
+    exits = [leaf for leaf in leaves if isinstance(leaf, SystemExit)]
+    if ours:
+        logger.error("%s", ours[0])
+    elif exits:
+        logger.error(
+            "the program was ended by SystemExit(%r) raised inside it; work in flight "
+            "had at most its grace",
+            exits[0].code,
+        )
+    elif all(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
         logger.error("KeyboardInterrupt ended the program; work in flight had at most its grace")
-        return EXIT_FAILED
-    logger.error("the program crashed", exc_info=exc)
-    return EXIT_FAILED
+    else:
+        logger.error("the program crashed", exc_info=exc)
+    return exit_code_for_error(exc)

@@ -16,12 +16,7 @@ from typing import Any, overload
 import trio
 
 from ._events import Event, EventHub, Subscription
-from ._exceptions import (
-    ConfigurationError,
-    InvalidTransitionError,
-    UnknownJobError,
-    requested_exit_code,
-)
+from ._exceptions import ConfigurationError, InvalidTransitionError, UnknownJobError
 from ._health import HealthCheck
 from ._pool import sources_of
 from ._records import ServiceRecord
@@ -44,7 +39,7 @@ from ._whole_app import (
 from ._whole_app import (
     EXIT_USAGE as EXIT_USAGE,
 )
-from ._whole_app import AppState, WholeApp
+from ._whole_app import AppState, WholeApp, exit_code_for_error
 from .queues._source import DeadJob, JobSource
 
 logger = logging.getLogger("nursery_down")
@@ -302,7 +297,7 @@ class Supervisor:
                 # Even if every service stopped on the way down (and the app already
                 # said "stopped, exit code 0"), this is no clean exit.
                 app.crashed = True
-                app.exit_code = requested_exit_code(exc) or EXIT_FAILED
+                app.exit_code = exit_code_for_error(exc)
                 message = f"torn down by {_describe(exc)}: exit code {app.exit_code}"
                 logger.error("supervisor %s %s", self.name, message)
                 if self.app_state == "stopped":  # (read anew: it changed during the run)

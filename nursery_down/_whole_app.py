@@ -18,6 +18,7 @@ from typing import Any, Literal
 import trio
 
 from ._events import EventHub
+from ._exceptions import ConfigurationError, NurseryDownError, error_leaves
 from ._records import ServiceRecord
 from ._services import Services
 from ._state import ACTIVE_STATES, ServiceState
@@ -35,6 +36,22 @@ EXIT_USAGE = 2
 EXIT_HARD_CANCELLED = 3
 
 S = ServiceState
+
+
+def exit_code_for_error(error: BaseException) -> int:
+    """The exit code of a program that *error* ended (a group or not): 2 for a
+    configuration error, 1 for another error of ours, N for ``SystemExit(N)`` (1 to
+    255), else 1. Ending by an exception is never "every job finished"."""
+    leaves = error_leaves(error)
+    if any(isinstance(leaf, ConfigurationError) for leaf in leaves):
+        return EXIT_USAGE
+    if any(isinstance(leaf, NurseryDownError) for leaf in leaves):
+        return EXIT_FAILED
+    for leaf in leaves:
+        code = leaf.code if isinstance(leaf, SystemExit) else None
+        if isinstance(code, int) and 0 < code < 256:
+            return code
+    return EXIT_FAILED
 
 
 class WholeApp:
