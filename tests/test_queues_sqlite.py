@@ -75,9 +75,9 @@ class WatchedQueue(SQLiteQueue):
         return found
 
     def _claim_sync(
-        self, connection: sqlite3.Connection, limit: int, recover: bool
+        self, connection: sqlite3.Connection, limit: int, recover: bool, orphans: tuple[int, ...]
     ) -> list[QueuedJob]:
-        jobs = super()._claim_sync(connection, limit, recover)
+        jobs = super()._claim_sync(connection, limit, recover, orphans)
         if not jobs:
             self.empty_looks += 1
         return jobs

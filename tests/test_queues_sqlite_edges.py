@@ -1114,6 +1114,30 @@ async def test_a_job_whose_settle_could_not_be_written_is_claimed_again(
     ]
 
 
+async def test_a_recovery_that_could_not_be_written_is_tried_again(db: Path) -> None:
+    async with SQLiteQueue(db, busy_timeout=0.05) as queue:
+        await queue.put("work")
+        job = await queue.claim()
+        assert job is not None
+        with write_lock_held(db), pytest.raises(QueueLockedError):
+            await queue.ack(job)
+        with sqlite3.connect(db) as connection:  # the next claim's recovery cannot commit
+            connection.execute(
+                "CREATE TRIGGER refuse BEFORE INSERT ON history WHEN NEW.event = 'release'"
+                " BEGIN SELECT RAISE(ABORT, 'the disk refused the write'); END"
+            )
+        with pytest.raises(QueueError, match="the disk refused the write"):
+            await queue.claim()
+        with sqlite3.connect(db) as connection:
+            connection.execute("DROP TRIGGER refuse")
+        with trio.fail_after(PATIENCE):
+            again = await queue.claim()  # its recovery is tried again, at once
+        assert again is not None
+        assert (again.id, again.payload) == (job.id, "work")
+        await queue.ack(again)
+        assert await queue.statistics() == stats(done=1)
+
+
 async def test_a_pool_whose_ack_could_not_be_written_runs_the_job_again(db: Path) -> None:
     queue = SQLiteQueue(db, busy_timeout=0.05)
     runs: list[int] = []

@@ -239,7 +239,7 @@ class SQLiteQueue:
         self._claims: dict[int, QueuedJob] = {}
         # The ids of jobs leased through this object whose last settle could not be
         # written (the file locked, the disk full): the next recovery pass puts back
-        # those still leased. Added to on the trio thread, taken from in the writer's.
+        # those still leased, and they are forgotten once its transaction committed.
         self._orphans: set[int] = set()
 
     # -- opening and closing ------------------------------------------------------------
@@ -396,19 +396,28 @@ class SQLiteQueue:
             recover = trio.current_time() >= self._next_recovery
             if recover:
                 self._next_recovery = trio.current_time() + self.recover_interval
+            # Put back by this claim's recovery: forgotten only once it committed.
+            orphans = tuple(self._orphans) if recover else ()
             # Taken before looking, so a put that lands after the look still wakes us.
             wakeup = self._wakeup_event()
             # A claim handed to the writer always delivers its result, even when this
             # task is cancelled meanwhile (the cancellation waits for it), and nothing
             # here checkpoints between the claim and the return: a claimed job is
             # never dropped on the floor.
-            jobs = await self._write(
-                self._claim_sync,
-                limit,
-                recover,
-                peek=None if recover else self._has_queued,
-                idle=[],
-            )
+            try:
+                jobs = await self._write(
+                    self._claim_sync,
+                    limit,
+                    recover,
+                    orphans,
+                    peek=None if recover else self._has_queued,
+                    idle=[],
+                )
+            except Exception:
+                if recover:  # not written: the next claim recovers again
+                    self._next_recovery = -math.inf
+                raise
+            self._orphans.difference_update(orphans)
             if jobs:
                 # Closed while the claim ran: aclose() releases every lease of this
                 # object after it, these included, so hand nothing out. (Read
@@ -476,11 +485,15 @@ class SQLiteQueue:
 
         They are requeued, or dead-lettered once they reach *max_lost_leases*. Jobs
         leased through a queue of this process whose close could not release them
-        (the file stayed locked) are released too.
+        (the file stayed locked) are released too, and so are jobs of this queue
+        whose last ack, release or fail could not be written.
 
         Opening the queue and claiming do this by themselves.
         """
-        return await self._write(self._recover_on)
+        orphans = tuple(self._orphans)
+        recovered = await self._write(self._recover_on, orphans)
+        self._orphans.difference_update(orphans)
+        return recovered
 
     async def prune_history(self) -> int:
         """Delete what the history keeps beyond *keep_history* and *max_history* now
@@ -692,10 +705,10 @@ class SQLiteQueue:
         return ids
 
     def _claim_sync(
-        self, connection: sqlite3.Connection, limit: int, recover: bool
+        self, connection: sqlite3.Connection, limit: int, recover: bool, orphans: tuple[int, ...]
     ) -> list[QueuedJob]:
         if recover:
-            self._recover_on(connection)
+            self._recover_on(connection, orphans)
             self._prune_on(connection)
         while True:
             rows = connection.execute(
@@ -786,7 +799,7 @@ class SQLiteQueue:
         self._log(connection, [row[0] for row in rows], "enqueue", "requeued from the dead letters")
         return len(rows)
 
-    def _recover_on(self, connection: sqlite3.Connection) -> int:
+    def _recover_on(self, connection: sqlite3.Connection, orphans: tuple[int, ...] = ()) -> int:
         # A lease's holder is a process run (pid and token) and one queue object of it
         # (owner), whose name ends with the process's PID namespace.
         holders = connection.execute(
@@ -812,9 +825,7 @@ class SQLiteQueue:
             gone.setdefault((pid, token), []).append(owner)
         holder = "lease_pid IS ? AND lease_token IS ? AND lease_owner IS ?"
         recovered = 0
-        orphans = tuple(self._orphans)
         if orphans:  # jobs of this object whose settle could not be written
-            self._orphans.difference_update(orphans)
             for start in range(0, len(orphans), _IDS_A_STATEMENT):
                 chunk = orphans[start : start + _IDS_A_STATEMENT]
                 recovered += len(
