@@ -16,11 +16,8 @@ from typing import Any, NoReturn
 from ._exceptions import ConfigurationError
 from ._reports import format_drain_report
 from ._supervisor import EXIT_USAGE, Supervisor
+from ._upgrade import ANSWER_MARGIN
 from ._upgrade import DEFAULT_TIMEOUT as DEFAULT_UPGRADE_TIMEOUT
-
-#: Seconds `nursery-down upgrade` waits beyond the program's upgrade timeout: a new
-#: generation that gave up has that long to drain and be reaped before the answer.
-UPGRADE_ANSWER_MARGIN = 30.0
 
 
 class _Parser(argparse.ArgumentParser):
@@ -94,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_seconds,
         metavar="S",
         default=DEFAULT_UPGRADE_TIMEOUT,
-        help="seconds the new generation has to be ready at an upgrade (default 60)",
+        help="seconds the new generation has to be ready at an upgrade (default %(default)g)",
     )
     run.add_argument(
         "--pid-file",
@@ -382,12 +379,15 @@ def _operate(args: argparse.Namespace) -> int:
                 raise ClientError(f"unknown service {args.service!r}; known services: {known}")
         elif args.command == "upgrade":
             # The answer comes once the new generation is ready or failed: within the
-            # program's upgrade timeout, and the time to reap a generation that gave up.
-            limit = client.snapshot().get("upgrade_timeout")
-            if isinstance(limit, int | float) and math.isfinite(limit):
-                client.timeout = max(client.timeout, limit + UPGRADE_ANSWER_MARGIN)
-            else:  # a program that cannot upgrade answers at once
-                client.timeout = max(client.timeout, DEFAULT_UPGRADE_TIMEOUT)
+            # program's upgrade timeout and pre-drain delay, and the time to stop and
+            # reap a generation that gave up.
+            shown = client.snapshot()
+            limit, delay = shown.get("upgrade_timeout"), shown.get("pre_drain")
+            if not (isinstance(limit, int | float) and math.isfinite(limit)):
+                limit = DEFAULT_UPGRADE_TIMEOUT  # a program that does not say
+            if not (isinstance(delay, int | float) and math.isfinite(delay)):
+                delay = 0.0
+            client.timeout = max(client.timeout, limit + delay + ANSWER_MARGIN)
             snapshot = client.action("upgrade")
             print(  # noqa: T201
                 f"upgraded: the new generation (pid {snapshot.get('upgraded_to')}) is ready; "

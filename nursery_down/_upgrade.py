@@ -9,13 +9,16 @@ The protocol (the Go service runner's, after tableflip):
    with every :func:`~nursery_down.listener` socket passed by descriptor, a readiness
    pipe and a parent-alive pipe.
 3. The new generation adopts the sockets it asks for, closes the others, starts every
-   service and, once the whole app is RUNNING, writes ``ready`` to the readiness pipe.
+   service and, once the app is ready for work (as ``/readyz`` says), writes ``ready``
+   to the readiness pipe; if a service that counts for readiness FAILED, it writes
+   ``failed WHY`` instead and drains at once.
 4. Then this process announces the new main PID to systemd (``MAINPID=`` then
    ``READY=1``), drains under its grace and exits. Both generations serve (and consume)
    for the length of that drain; leases keep each job to one of them. Its dashboard
    stops accepting at once, so that browsers follow to the new generation.
-5. If the new generation exits, or is not ready within the timeout, this process kills
-   and reaps it, keeps serving, and reports the failure.
+5. If the new generation gives up or exits, or is not ready within the timeout (then
+   it gets SIGTERM), this process gives it :data:`EXIT_PATIENCE` seconds to drain,
+   kills and reaps it, keeps serving, and reports the failure.
 
 Over the parent-alive pipe the old generation tells the new one who asked for the
 upgrade and, while it drains, its state and in-flight jobs (:mod:`._generations`).
@@ -35,7 +38,12 @@ from typing import Any
 import outcome
 import trio
 
-from ._exceptions import ConfigurationError, InvalidTransitionError, UpgradeError
+from ._exceptions import (
+    ConfigurationError,
+    InvalidTransitionError,
+    UpgradeError,
+    describe_error,
+)
 from ._fleet import GENERATION_ENV, current_generation
 from ._generations import (
     LINE_LIMIT,
@@ -112,7 +120,7 @@ class Upgrader:
 
     @property
     def successor(self) -> bool:
-        """True in a generation started by an upgrade (until it is ready or gave up)."""
+        """True in a generation started by an upgrade."""
         return self._handover is not None
 
     def hold_ready_until(self, gate: trio.Event) -> None:
@@ -172,7 +180,9 @@ class Upgrader:
                 with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                     await pipe.send_all(f"failed {failures}\n".encode())
                 if supervisor.app_state == "running":
-                    supervisor.drain_nowait(actor="upgrade (this generation cannot take over)")
+                    supervisor._drain_for_upgrade(
+                        actor="upgrade (this generation cannot take over)"
+                    )
                 return
             closed = close_unclaimed_listeners()
             if closed:
@@ -203,13 +213,13 @@ class Upgrader:
         return False
 
     def _failures(self) -> str | None:
-        """What FAILED in this generation (each service and its last error), if anything."""
-        services = self._supervisor.snapshot(max_jobs=0)["services"]
+        """What FAILED in this generation among the services that count for readiness
+        (each and its last error), if anything: those never become ready by themselves."""
         failed = [
-            f"service {s['name']} FAILED"
-            + (f" ({log_safe(s['last_error'])})" if s["last_error"] else "")
-            for s in services
-            if s["state"] == ServiceState.FAILED.value
+            f"service {record.name} FAILED"
+            + (f" ({log_safe(record.last_error)})" if record.last_error else "")
+            for record in self._supervisor._services.all()
+            if record.spec.readiness and record.state is ServiceState.FAILED
         ]
         return "; ".join(failed) if failed else None
 
@@ -253,7 +263,6 @@ class Upgrader:
         client that went away) leaves it running to its end.
         """
         self._refuse_now()
-        self._busy = True  # before any checkpoint: a second request at once is refused
         result: outcome.Outcome[int] | None = None
         done = trio.Event()
 
@@ -263,16 +272,25 @@ class Upgrader:
                 result = outcome.Value(await self._upgrade(actor))
             except Exception as exc:
                 result = outcome.Error(exc)
+                if not isinstance(exc, UpgradeError):  # those said so themselves
+                    message = f"upgrade failed: {describe_error(exc)}; this process keeps serving"
+                    logger.error("%s", message, exc_info=exc)
+                    self._supervisor.announce(message, upgrade="failed")
             finally:
                 self._busy = False
                 done.set()
 
         nursery = self._nursery
-        if nursery is None:  # not serving (nothing runs in the background): inline
-            await upgrade_in_background()
-        else:
-            nursery.start_soon(upgrade_in_background, name="upgrade")
-            await done.wait()
+        self._busy = True  # before any checkpoint: a second request at once is refused
+        try:
+            if nursery is None:  # not serving (nothing runs in the background): inline
+                await upgrade_in_background()
+            else:
+                nursery.start_soon(upgrade_in_background, name="upgrade")
+        except BaseException:
+            self._busy = False  # never started
+            raise
+        await done.wait()
         if result is None:
             raise UpgradeError("the upgrade was called off: this program is ending")
         return result.unwrap()
@@ -322,10 +340,13 @@ class Upgrader:
         except OSError as exc:
             for fd in (ready_read, ready_write, alive_read, alive_write):
                 os.close(fd)
-            raise UpgradeError(
-                f"cannot start the new generation ({' '.join(self._argv)}): {exc.strerror}; "
-                "this process keeps serving"
-            ) from None
+            message = (
+                f"upgrade failed: cannot start the new generation ({' '.join(self._argv)}): "
+                f"{exc.strerror}; this process keeps serving"
+            )
+            logger.error("%s", message)
+            supervisor.announce(message, upgrade="failed")
+            raise UpgradeError(message) from None
         os.close(ready_write)
         os.close(alive_read)
         # Kept open until this process exits: its end tells the child we are gone.
@@ -354,7 +375,8 @@ class Upgrader:
             if ended in ("timeout", "draining"):
                 with contextlib.suppress(ProcessLookupError):
                     process.send_signal(signal.SIGTERM)
-            await _kill_and_reap(process, wait=EXIT_PATIENCE)
+            # (Its drain begins after its pre-drain delay: the same as ours, as a rule.)
+            await _kill_and_reap(process, wait=EXIT_PATIENCE + supervisor.pre_drain)
             code = process.returncode
             how = "was killed" if code is None or code < 0 else f"exited with code {code}"
             if ended == "failed":
@@ -435,8 +457,12 @@ class Upgrader:
 
 
 #: Seconds a new generation that gave up, or was told to stop, is given to drain and
-#: exit before it is killed.
+#: exit (after its pre-drain delay) before it is killed.
 EXIT_PATIENCE = 5.0
+#: Seconds a killed generation is given to be reaped.
+REAP_PATIENCE = 10.0
+#: The most an upgrade's answer can come after its timeout and the pre-drain delay.
+ANSWER_MARGIN = EXIT_PATIENCE + REAP_PATIENCE
 
 
 async def _read_line(pipe: trio.lowlevel.FdStream) -> str:
@@ -505,5 +531,5 @@ async def _kill_and_reap(process: trio.Process, *, wait: float = 0.0) -> None:
         if process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGKILL)
-        with trio.move_on_after(10):
+        with trio.move_on_after(REAP_PATIENCE):
             await process.wait()

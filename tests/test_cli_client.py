@@ -132,7 +132,9 @@ def test_a_bad_url_is_one_line_and_exit_2(
     assert_one_line_error(*run_cli(capsys, "status", "--url", url, "--token", "t"), expected)
 
 
-@pytest.mark.parametrize("name", ["../x", "db/primary", "a b", "café", ".hidden", "x" * 65, "%2e%2e"])
+@pytest.mark.parametrize(
+    "name", ["../x", "db/primary", "a b", "café", ".hidden", "x" * 65, "%2e%2e"]
+)
 @pytest.mark.parametrize(
     "command", [("drain",), ("restart",), ("escalate",), ("start",), ("dead", "list")]
 )

@@ -8,8 +8,9 @@ never an answer: a connection accepted as the drain begins is answered too. Envi
 - ``UPGRADE_APP_GENERATION_FILE``: a file holding the generation's label, read at start
   (the test changes it between upgrades, as a deploy changes the code)
 - ``UPGRADE_APP_MODE``: ``ok`` (default), ``crash`` (exit 3 before ready), ``hang``
-  (never ready), ``fail`` (``http`` raises at each start, so it ends FAILED) or
-  ``slow`` (ready after 1 s), read from ``UPGRADE_APP_MODE_FILE`` when that is set
+  (never ready), ``fail`` (``http`` raises at each start, so it ends FAILED),
+  ``slow`` (ready after 1 s) or ``gated`` (ready once ``UPGRADE_APP_GATE_FILE``
+  exists), read from ``UPGRADE_APP_MODE_FILE`` when that is set
 - ``UPGRADE_APP_GRACE``: the grace in seconds (default 5)
 - ``UPGRADE_APP_TIMEOUT``: seconds a new generation has to be ready (default 60)
 - ``UPGRADE_APP_DASHBOARD``: ``HOST:PORT`` of the dashboard (default: none)
@@ -61,6 +62,9 @@ async def http(ctx: nd.ServiceContext) -> None:
         raise RuntimeError(f"generation {GENERATION} cannot serve")
     if MODE == "slow":
         await trio.sleep(1.0)
+    if MODE == "gated":
+        while not Path(os.environ["UPGRADE_APP_GATE_FILE"]).exists():  # the test creates it
+            await trio.sleep(0.02)
     # As documented: a duplicate of the (non-blocking) socket for trio.serve_listeners.
     listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(sock.dup()))]
 
