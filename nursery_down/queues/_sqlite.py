@@ -237,9 +237,9 @@ class SQLiteQueue:
         # earlier claim of the same id (before a close, or before a failed attempt)
         # can never settle the claim that holds the job now.
         self._claims: dict[int, QueuedJob] = {}
-        # The ids of jobs leased through this object whose last settle could not be
-        # written (the file locked, the disk full): the next recovery pass puts back
-        # those still leased, and they are forgotten once its transaction committed.
+        # The ids of jobs leased through this object whose settle could not be written
+        # (the file locked, the disk full): the next recovery pass puts back those
+        # still leased, and they are forgotten once its transaction committed.
         self._orphans: set[int] = set()
 
     # -- opening and closing ------------------------------------------------------------
@@ -562,14 +562,15 @@ class SQLiteQueue:
                 self._spend(job)
                 raise
             except Exception:
-                # Not written (the file locked, the disk full). The handle may settle
-                # it again, but a caller that moved on (a worker pool crashed on the
-                # error) never will, and the lease of a live process is never taken
-                # back: the next claim puts the job back unless it was settled by then.
+                # Not written (the file locked, the disk full). A caller that moved on
+                # (a worker pool crashed on the error) never settles it, and the lease
+                # of a live process is never taken back: the next claim puts the job
+                # back. Its handle settles nothing more, so that no retry of it can
+                # race that claim and settle the job's next lease.
+                self._spend(job)
                 self._orphans.add(job.id)
                 self._next_recovery = -math.inf
                 raise
-            self._orphans.discard(job.id)
             self._spend(job)
 
     def _spend(self, job: QueuedJob) -> None:
