@@ -58,7 +58,8 @@ def describe_dsn(dsn: str) -> str:
     port = str(parts.get("port") or os.environ.get("PGPORT") or "5432")
     dbname = str(parts.get("dbname") or os.environ.get("PGDATABASE") or "")
     where = f"{host}:{port}" if not host.startswith("/") else f"{host} (port {port})"
-    return f"{where}/{dbname}" if dbname else where
+    # A password libpq read in part as the host (an "@" not percent-encoded) stays hidden.
+    return hide_password(f"{where}/{dbname}" if dbname else where, dsn)
 
 
 def first_line(exc: BaseException, dsn: str) -> str:
@@ -74,28 +75,44 @@ _URI_USERINFO = (
     re.compile(r"\s*postgres(?:ql)?://([^@]*)@", re.IGNORECASE),
     re.compile(r"\s*postgres(?:ql)?://(.*)@", re.IGNORECASE | re.DOTALL),
 )
-# A password given as a keyword (password=...) or as a URI query parameter.
-_PASSWORD_KEYWORD = re.compile(r"password\s*=\s*('(?:[^'\\]|\\.)*'|[^\s&]+)", re.IGNORECASE)
+# A password as a URI query parameter, up to the next parameter.
+_PASSWORD_PARAMETER = re.compile(r"[?&]password=([^&#]*)", re.IGNORECASE)
+# A password as a keyword: quoted, or up to the next keyword (a password with a space
+# that was not quoted is read by libpq as two words: both are hidden).
+_PASSWORD_KEYWORD = re.compile(
+    r"(?:^|\s)password\s*=\s*('(?:[^'\\]|\\.)*'|.*?)(?=\s+[A-Za-z_]+\s*=|\s*$)",
+    re.IGNORECASE | re.DOTALL,
+)
+# The words of a password a parser may have split apart and quoted alone.
+_PIECES = re.compile(r"[\s@'\"\\=]+")
 
 
 def hide_password(text: str, dsn: str) -> str:
     """*text* with every form of *dsn*'s password in it replaced by ``***``.
 
     Works on a DSN that does not parse too (its password is found by its place), as
-    the messages about such a DSN are the ones that quote it.
+    the messages about such a DSN are the ones that quote it: as written, unquoted,
+    unescaped, percent-decoded, and each word of it that a parser may have split off.
     """
     found = []
     for pattern in _URI_USERINFO:
         userinfo = pattern.match(dsn)
         if userinfo is not None and ":" in userinfo.group(1):
             found.append(userinfo.group(1).split(":", 1)[1])
+    found += _PASSWORD_PARAMETER.findall(dsn)
     for value in _PASSWORD_KEYWORD.findall(dsn):
         found.append(value)
-        if value.startswith("'"):
-            found.append(re.sub(r"\\(.)", r"\1", value[1:-1]))
+        inner = value[1:-1] if value.startswith("'") and value.endswith("'") else value
+        found.append(re.sub(r"\\(.)", r"\1", inner))
     secrets = {form for secret in found for form in (secret, urllib.parse.unquote(secret))}
+    # Words of two characters or more: hiding every single letter would leave nothing.
+    secrets |= {piece for secret in secrets for piece in _PIECES.split(secret) if len(piece) > 1}
     for secret in sorted(secrets - {""}, key=len, reverse=True):
-        text = text.replace(secret, "***")
+        if len(secret) >= 4:
+            text = text.replace(secret, "***")
+        else:  # short: only where it stands alone, or every "a" in a message would go
+            alone = rf"(?<![A-Za-z0-9]){re.escape(secret)}(?![A-Za-z0-9])"
+            text = re.sub(alone, "***", text)
     return text
 
 

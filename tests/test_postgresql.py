@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from nursery_down import NurseryDownError
-from nursery_down._postgresql import hide_password
+from nursery_down._postgresql import describe_dsn, hide_password
 from nursery_down.queues import PostgresQueue
 
 PASSWORD = "S3cr%ZZet@pw"
@@ -31,6 +31,12 @@ PG_WORKER = str(Path(__file__).resolve().parent / "programs" / "pg_worker.py") +
         ("host=db password='it\\'s' dbname=app", "it's"),
         ("postgresql://app@db/app?password=qpw&sslmode=require", "qpw"),
         ("postgresql://app:S3cretPw!@[::1:5432/app", "S3cretPw!"),  # does not parse
+        ("postgresql://app:ab@SecretTail99@db/app", "SecretTail99"),  # read as the host
+        ("host=db password=first SecretTail99 dbname=app", "SecretTail99"),  # two words
+        ("postgresql://app@db/app?password=first SecretTail99&sslmode=x", "SecretTail99"),
+        ("host=db password=ab&cdef port=x", "ab&cdef"),  # & ends only a URI parameter
+        ("host=db password=sec\\ret port=x", "secret"),  # unescaped by libpq
+        ("host=db password='w@rd'\"x%zz' port=x", "x%zz"),  # quoted in part
     ],
 )
 def test_every_form_of_the_password_is_hidden(dsn: str, secret: str) -> None:
@@ -38,6 +44,16 @@ def test_every_form_of_the_password_is_hidden(dsn: str, secret: str) -> None:
     hidden = hide_password(message, dsn)
     assert secret not in hidden
     assert hidden.startswith('invalid token "***"')
+
+
+def test_a_password_read_in_part_as_the_host_is_not_in_the_servers_description() -> None:
+    assert "SecretTail99" not in describe_dsn("postgresql://app:ab@SecretTail99@127.0.0.1/app")
+
+
+def test_a_short_password_is_hidden_only_where_it_stands_alone() -> None:
+    assert hide_password('bad password "ab" for about', "host=db password=ab") == (
+        'bad password "***" for about'
+    )
 
 
 def test_a_dsn_without_a_password_leaves_the_text_alone() -> None:
