@@ -356,10 +356,12 @@ def _run(args: argparse.Namespace) -> int:
 
 def _operate(args: argparse.Namespace) -> int:
     """status and the actions: talk to a running program's HTTP API."""
-    from ._client import ApiClient, ClientError
+    from ._client import ApiClient, ClientError, require_service_name
 
     try:
         client = ApiClient(args.url, args.token)
+        if getattr(args, "service", None) is not None:
+            require_service_name(args.service)
         if args.command == "fleet":
             text = _fleet(client, args)
             print(text)  # noqa: T201
@@ -387,7 +389,8 @@ def _operate(args: argparse.Namespace) -> int:
                 limit = DEFAULT_UPGRADE_TIMEOUT  # a program that does not say
             if not (isinstance(delay, int | float) and math.isfinite(delay)):
                 delay = 0.0
-            client.timeout = max(client.timeout, limit + delay + ANSWER_MARGIN)
+            # (A day at most: a socket timeout has its limits, and nobody waits longer.)
+            client.timeout = min(max(client.timeout, limit + delay + ANSWER_MARGIN), 86400.0)
             snapshot = client.action("upgrade")
             print(  # noqa: T201
                 f"upgraded: the new generation (pid {snapshot.get('upgraded_to')}) is ready; "

@@ -263,15 +263,20 @@ def _dead_path(service: str, source: int) -> str:
     return f"/api/services/{_service_segment(service)}/sources/{int(source)}/dead"
 
 
-def _service_segment(service: str) -> str:
-    """*service* as a URL path segment; :class:`ClientError` for what no service can be
-    named (asked anyway, the answer would only be that nothing is at that path)."""
+def require_service_name(service: str) -> None:
+    """:class:`ClientError` for what no service can be named (asked anyway, the answer
+    would only be that nothing is at that path, or that no such service runs)."""
     if not SERVICE_NAME.fullmatch(service):
         shown = service if len(service) <= 80 else f"{service[:80]}..."
         raise ClientError(
             f"no service can be named {shown!r}: service names are 1 to 64 ASCII letters, "
             "digits, '_', '.' or '-', beginning with a letter, a digit or '_'"
         )
+
+
+def _service_segment(service: str) -> str:
+    """*service* as a URL path segment (:func:`require_service_name`)."""
+    require_service_name(service)
     return urllib.parse.quote(service, safe="")
 
 

@@ -40,6 +40,8 @@ ANSWERS: dict[str, bytes] = {
     "number": b"1e999999",
     "text": b"<html>a proxy's page</html>",
     "wrong-types": json.dumps({**SNAPSHOT, "services": [{**SERVICE, "in_flight": "2"}]}).encode(),
+    # A program whose upgrades may take longer than a socket can wait.
+    "patient": json.dumps({**SNAPSHOT, "upgrade_timeout": 1e300, "upgraded_to": 99}).encode(),
 }
 
 #: Seconds any request to the test server may take.
@@ -136,7 +138,17 @@ def test_a_bad_url_is_one_line_and_exit_2(
     "name", ["../x", "db/primary", "a b", "café", ".hidden", "x" * 65, "%2e%2e"]
 )
 @pytest.mark.parametrize(
-    "command", [("drain",), ("restart",), ("escalate",), ("start",), ("dead", "list")]
+    "command",
+    [
+        ("drain",),
+        ("restart",),
+        ("escalate",),
+        ("start",),
+        ("dead", "list"),
+        ("status",),
+        ("extend-grace", "5"),
+        ("fleet", "drain", "proc"),
+    ],
 )
 def test_a_name_no_service_can_have_is_one_line_and_asks_nothing(
     capsys: pytest.CaptureFixture[str],
@@ -148,6 +160,17 @@ def test_a_name_no_service_can_have_is_one_line_and_asks_nothing(
     result = run_cli(capsys, *command, name, "--url", url, "--token", "t")
     assert_one_line_error(*result, "no service can be named")
     assert seen == []  # refused before any request
+
+
+def test_upgrade_waits_at_most_a_day_however_long_the_programs_timeout(
+    capsys: pytest.CaptureFixture[str], server: tuple[str, list[tuple[str, str, str]]]
+) -> None:
+    url, seen = server
+    code, out, err = run_cli(capsys, "upgrade", "--url", f"{url}/patient", "--token", "t")
+    assert code == 0, err
+    assert "the new generation (pid 99) is ready" in err
+    assert out.startswith("shop (pid 4321): running")
+    assert [method for method, _, _ in seen] == ["GET", "POST"]
 
 
 @pytest.mark.parametrize("token", ["tökén", "a\r\nInjected: yes", "tab\there", "\x00"])
