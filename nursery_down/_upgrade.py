@@ -190,6 +190,8 @@ class Upgrader:
             try:
                 await pipe.send_all(f"ready {os.getpid()}\n".encode())
             except (trio.BrokenResourceError, trio.ClosedResourceError):
+                if self._pid_file is not None:  # this one runs alone now: it is named
+                    write_pid_file(self._pid_file, os.getpid())
                 logger.warning("the previous generation went away before we were ready")
                 return
         pid = self._predecessor.pid if self._predecessor is not None else "?"

@@ -807,6 +807,25 @@ def test_the_old_generation_drains_without_the_pre_drain_delay(
     assert app.exit_code(new) == 3, app.describe()
 
 
+def test_a_new_generation_whose_predecessor_died_names_itself_in_the_pid_file(
+    launch: Callable[..., App], tmp_path: Path
+) -> None:
+    pid_file = tmp_path / "app.pid"
+    app = launch(command=on_hup_upgrade_command("nd.run", pid_file))
+    old = app.first
+    app.set_mode("gated")
+    app.signal(old, signal.SIGUSR2)
+    new = app.wait_started(1)
+    app.wait_log("listener http: inherited", watch=new)
+    app.signal(old, signal.SIGKILL)  # gone before the new one is ready
+    assert app.exit_code(old) == -signal.SIGKILL
+    app.open_gate()
+    app.wait_log("the previous generation went away before we were ready", watch=new)
+    assert pid_file.read_text() == f"{new}\n"
+    app.terminate(new)
+    assert not pid_file.exists()
+
+
 def test_sigkill_of_the_new_generation_mid_handshake(launch: Callable[..., App]) -> None:
     # A timeout far beyond PATIENCE: the failure must be seen by the child's death.
     app = launch(timeout=600)
