@@ -7,6 +7,7 @@ from typing import Any
 import psycopg
 import pytest
 import trio
+import trio.testing
 
 import nursery_down as nd
 from nursery_down.queues import PostgresLock
@@ -123,9 +124,29 @@ async def test_a_lock_held_twice_by_one_object_is_refused(postgres_dsn: str) -> 
     lock = lock_of(postgres_dsn)
     with trio.fail_after(PATIENCE):
         async with lock.hold():
-            with pytest.raises(nd.ConfigurationError, match="already held by this object"):
+            with pytest.raises(nd.ConfigurationError, match="already held, or waited for, by"):
                 async with lock.hold():
                     pass
+
+
+async def test_a_lock_waited_for_twice_by_one_object_is_refused(postgres_dsn: str) -> None:
+    holder, waiter = lock_of(postgres_dsn), lock_of(postgres_dsn)
+    with trio.fail_after(PATIENCE):
+        async with holder.hold(), trio.open_nursery() as nursery:
+
+            async def wait_for_it() -> None:
+                async with waiter.hold():
+                    pass
+
+            nursery.start_soon(wait_for_it)
+            await trio.testing.wait_all_tasks_blocked()  # the first waits
+            with pytest.raises(nd.ConfigurationError, match="already held, or waited for, by"):
+                async with waiter.hold():
+                    pass
+            nursery.cancel_scope.cancel()
+        assert not waiter.held
+        async with waiter.hold():  # free again, and usable again
+            assert waiter.held
 
 
 @pytest.mark.parametrize(

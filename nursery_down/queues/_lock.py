@@ -96,6 +96,8 @@ class PostgresLock:
             prepare=_create_table,
         )
         self._token: uuid.UUID | None = None
+        # True while a hold() waits for the lock: one hold at a time per object.
+        self._waiting = False
 
     @property
     def held(self) -> bool:
@@ -111,14 +113,20 @@ class PostgresLock:
         :class:`~nursery_down.queues.QueueUnavailableError` while waiting only if
         the database is away for longer than the connect timeout at every try.
         """
-        if self._token is not None:
-            raise ConfigurationError(f"lock {self.name!r} is already held by this object")
+        if self._token is not None or self._waiting:
+            raise ConfigurationError(
+                f"lock {self.name!r} is already held, or waited for, by this object"
+            )
+        self._waiting = True
         token = uuid.uuid4()
         lost: str | None = None
         try:
             # Inside the try: a wait cancelled (or failed) still closes the connection,
             # and releases a lock its last try may have taken.
-            await self._acquire(token)
+            try:
+                await self._acquire(token)
+            finally:
+                self._waiting = False
             async with trio.open_nursery() as nursery:
 
                 async def renew() -> None:

@@ -208,8 +208,9 @@ class PostgresQueue:
             )
         self.poll_interval = require_seconds("poll_interval", poll_interval, positive=True)
         self.connect_timeout = require_seconds("connect_timeout", connect_timeout, positive=True)
-        # How long one try of a settle waits for a connection: a few tries fit in a lease.
-        self._settle_wait = min(self.connect_timeout, self.lease / 3)
+        # How long one try of a settle waits for a connection (twice at most, when the
+        # first it got was broken): a few tries fit in a lease.
+        self._settle_wait = min(self.connect_timeout, self.lease / 5)
         self.keep_done = require_seconds("keep_done", keep_done)
         self.keep_history = (
             None if keep_history is None else require_seconds("keep_history", keep_history)
@@ -552,7 +553,9 @@ class PostgresQueue:
         if self._pool is None:
             raise trio.ClosedResourceError("this PostgresQueue was closed")
         return await trio.to_thread.run_sync(
-            functools.partial(self._run, function, args, retry, wait or self.connect_timeout),
+            functools.partial(
+                self._run, function, args, retry, self.connect_timeout if wait is None else wait
+            ),
             limiter=limiter or self._limiter,
         )
 
@@ -610,21 +613,22 @@ class PostgresQueue:
     ) -> bool | None:
         """Settle with ``send((job id, token), *args)``, waiting out an outage of the
         server until *give_up* (a lease from the first try); None if it stayed away
-        that long (the lease lapses, the job runs again). A try waits at most
-        ``_settle_wait`` for a connection, and none starts that would end past *give_up*."""
+        that long (the lease lapses, the job runs again). A try waits at most twice
+        ``_settle_wait`` for a connection, and none starts that could end past *give_up*."""
         while True:
             try:
                 settled = await send((job.id, token), *args)
             except QueueUnavailableError as exc:
-                if trio.current_time() + self.heartbeat + self._settle_wait > give_up:
+                now = trio.current_time()
+                if now + self.heartbeat + 2 * self._settle_wait > give_up:
                     self._lost_count += 1
                     logger.warning(
-                        "PostgresQueue %s: could not %s job %d for %g s (%s): its lease "
+                        "PostgresQueue %s: could not %s job %d for %.1f s (%s): its lease "
                         "lapses and the job will run again",
                         self.name,
                         action,
                         job.id,
-                        self.lease,
+                        now - (give_up - self.lease),
                         exc,
                     )
                     return None
