@@ -81,7 +81,7 @@ class Requests:
         if not self.count:
             self._none.set()
 
-    async def wait_none(self) -> None:
+    async def wait_idle(self) -> None:
         await self._none.wait()
 
 
@@ -158,7 +158,7 @@ async def http(ctx: nd.ServiceContext) -> None:
         # close them now rather than wait for hypercorn's graceful_timeout. (A request
         # pipelined just as hypercorn closes its connection can also leave that
         # connection waiting until then.)
-        await requests.wait_none()
+        await requests.wait_idle()
         nursery.cancel_scope.cancel()
 
 

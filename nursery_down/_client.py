@@ -1,6 +1,7 @@
 """A small client for a running program's HTTP API, used by the operator commands.
 
-Standard library only (urllib), so the core keeps trio as its one dependency. Every
+Its HTTP is the standard library's (urllib), so the core keeps trio as its one
+dependency. Every
 way the address, the token or the answer can be wrong ends in one
 :class:`ClientError` whose message is a single line.
 """
@@ -17,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ._exceptions import NurseryDownError
-from ._spec import SERVICE_NAME
+from ._spec import SERVICE_NAME, SERVICE_NAME_RULE
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 
@@ -269,8 +270,7 @@ def require_service_name(service: str) -> None:
     if not SERVICE_NAME.fullmatch(service):
         shown = service if len(service) <= 80 else f"{service[:80]}..."
         raise ClientError(
-            f"no service can be named {shown!r}: service names are 1 to 64 ASCII letters, "
-            "digits, '_', '.' or '-', beginning with a letter, a digit or '_'"
+            f"no service can be named {shown!r}: service names are {SERVICE_NAME_RULE}"
         )
 
 

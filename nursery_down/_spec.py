@@ -24,6 +24,10 @@ ServiceFunction = Callable[["ServiceContext"], Awaitable[None]]
 #: (``/api/services/<name>/drain``), an argument of the command line and a metrics
 #: label, so nothing that a URL, a shell or a log line would read otherwise.
 SERVICE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}", re.ASCII)
+#: :data:`SERVICE_NAME` in words, for messages.
+SERVICE_NAME_RULE = (
+    "1 to 64 ASCII letters, digits, '_', '.' or '-', beginning with a letter, a digit or '_'"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,8 +111,7 @@ def make_spec(
     if not SERVICE_NAME.fullmatch(service_name):
         shown = service_name if len(service_name) <= 80 else f"{service_name[:80]}..."
         raise ConfigurationError(
-            f"bad service name {shown!r}: use 1 to 64 ASCII letters, digits, '_', '.' "
-            "or '-', beginning with a letter, a digit or '_' (e.g. name='db-primary'); "
+            f"bad service name {shown!r}: use {SERVICE_NAME_RULE} (e.g. name='db-primary'); "
             "the name appears in URLs, commands and metrics"
         )
     if restart not in get_args(RestartPolicy):
