@@ -350,7 +350,11 @@ def test_budget_warning_names_the_numbers_and_the_fix(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "env", "expected"),
     [
-        (["--outer-deadline", "0"], {}, "--outer-deadline: expected a number of seconds > 0"),
+        (
+            ["--outer-deadline", "0"],
+            {},
+            "--outer-deadline: expected a finite number of seconds > 0",
+        ),
         (["--pre-drain", "-1"], {}, "--pre-drain: expected a finite number of seconds >= 0"),
         ([], {"NURSERY_DOWN_OUTER_DEADLINE": "30s"}, "NURSERY_DOWN_OUTER_DEADLINE='30s'"),
         ([], {"NURSERY_DOWN_PRE_DRAIN": "-5"}, "NURSERY_DOWN_PRE_DRAIN='-5'"),

@@ -277,10 +277,9 @@ async def test_services_cannot_be_added_while_running() -> None:
             sup.add(idle_until_drained, name="b")
 
 
-async def test_by_default_a_crashing_service_restarts_five_times_backing_off_from_0_1_s(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    sup = nd.Supervisor("defaults", seed=3)
+def crashing_at_once(sup: nd.Supervisor) -> list[float]:
+    """Add ``flaky``, a service that crashes as soon as it is ready; the trio times of
+    its starts, filled in as it runs."""
     starts: list[float] = []
 
     @sup.service
@@ -289,6 +288,14 @@ async def test_by_default_a_crashing_service_restarts_five_times_backing_off_fro
         ctx.ready()
         raise ValueError("boom")
 
+    return starts
+
+
+async def test_by_default_a_crashing_service_restarts_five_times_backing_off_from_0_1_s(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    sup = nd.Supervisor("defaults", seed=3)
+    starts = crashing_at_once(sup)
     with trio.fail_after(100):
         async with nd.open_supervisor(sup) as running:
             await sup.wait_state("flaky", S.FAILED)
@@ -306,14 +313,7 @@ async def test_by_default_the_backoff_between_restarts_stops_growing_at_30_s(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     sup = nd.Supervisor("maximum", max_restarts=12, within=10_000.0, seed=5)
-    starts: list[float] = []
-
-    @sup.service
-    async def flaky(ctx: nd.ServiceContext) -> None:
-        starts.append(trio.current_time())
-        ctx.ready()
-        raise ValueError("boom")
-
+    starts = crashing_at_once(sup)
     with trio.fail_after(1000):
         async with nd.open_supervisor(sup):
             await sup.wait_state("flaky", S.FAILED)
