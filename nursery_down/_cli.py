@@ -245,12 +245,10 @@ def _positive_seconds(text: str) -> float:
     try:
         value = _seconds(text)
     except argparse.ArgumentTypeError:
-        value = 0.0  # said below, with the bound that applies here
-    if value == 0:
-        raise argparse.ArgumentTypeError(
-            f"expected a finite number of seconds > 0, got {text!r}"
-        ) from None
-    return value
+        value = 0.0  # whatever was wrong, the message names the bound that applies here
+    if value > 0:
+        return value
+    raise argparse.ArgumentTypeError(f"expected a finite number of seconds > 0, got {text!r}")
 
 
 def load_supervisor(target: str) -> Supervisor:

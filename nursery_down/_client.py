@@ -1,8 +1,7 @@
 """A small client for a running program's HTTP API, used by the operator commands.
 
 Its HTTP is the standard library's (urllib), so the core keeps trio as its one
-dependency. Every
-way the address, the token or the answer can be wrong ends in one
+dependency. Every way the address, the token or the answer can be wrong ends in one
 :class:`ClientError` whose message is a single line.
 """
 

@@ -50,6 +50,7 @@ from ._postgresql import (
     printable,
 )
 from ._validate import require_seconds
+from .queues._source import closed_by_owner
 
 if TYPE_CHECKING:
     import psycopg
@@ -217,7 +218,7 @@ class FleetMember:
         snapshot = supervisor.snapshot(max_jobs=REPORT_JOBS)
         queues = []
         for source in self._sources:
-            if getattr(source, "closed", False) is True:
+            if closed_by_owner(source):
                 continue  # closed by the service that owns it: never opened again here
             try:
                 figures = await source.statistics()

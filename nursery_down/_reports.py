@@ -201,11 +201,7 @@ def summary(report: dict[str, Any]) -> str:
             f"{_count(len(report['services']), 'service')}, {_jobs(jobs)}, {finished} finished, "
             f"{cut} cut, in {report['duration']:.1f} s of the {round(report['grace'], 1):g} s grace"
         ]
-        overran = [
-            log_safe(s["service"])
-            for s in report["services"]
-            if not s["within_grace"] and not s["hard_cancelled"] + s["released"]
-        ]
+        overran = [log_safe(s["service"]) for s in report["services"] if _cut_outside_jobs(s)]
         if overran:  # no job cut, yet the grace was: say what it cut
             parts.append(f"{', '.join(overran)} still running at the grace deadline")
         if report["exit_code"] is not None:
@@ -229,12 +225,18 @@ def summary(report: dict[str, Any]) -> str:
                 f"({shown}), "
                 f"{words}"
             )
-    if not report["within_grace"] and not report["hard_cancelled"] + report["released"]:
+    if _cut_outside_jobs(report):
         counts.append("still running at the grace deadline, and cut there")
     line = f"{parts[0]}: {', '.join(counts)}"
     if not report["finished"] and not report["hard_cancelled"] and not report["released"]:
         line += f", over in {report['duration']:.1f} s"
     return line
+
+
+def _cut_outside_jobs(report: dict[str, Any]) -> bool:
+    """A service's drain cut nothing but the service itself, still running outside any
+    job at the grace deadline."""
+    return not report["within_grace"] and not report["hard_cancelled"] + report["released"]
 
 
 def format_drain_report(report: dict[str, Any]) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 import trio
 
 from ._exceptions import ConfigurationError, InvalidTransitionError, UnknownSourceError
-from .queues._source import DeadJob, JobSource
+from .queues._source import DeadJob, JobSource, closed_by_owner
 
 logger = logging.getLogger("nursery_down")
 
@@ -85,8 +85,7 @@ class SourceFigures:
     async def read(self) -> None:
         """Read the source's figures now; a failure is kept as text, never raised."""
         statistics = getattr(self.source, "statistics", None)
-        reopens = callable(getattr(self.source, "open", None))
-        if not callable(statistics) or (reopens and getattr(self.source, "closed", False) is True):
+        if not callable(statistics) or closed_by_owner(self.source):
             return  # nothing to read, or closed by its service: never open it again here
         try:
             figures = statistics()

@@ -86,3 +86,9 @@ class JobSource(Protocol):
     async def release(self, job: QueuedJob) -> None: ...
 
     async def fail(self, job: QueuedJob, error: BaseException | str) -> None: ...
+
+
+def closed_by_owner(source: object) -> bool:
+    """True for a source that its owner closed and that reopens only when asked to
+    (``open()`` or ``async with``): reading its figures would open it again, or fail."""
+    return callable(getattr(source, "open", None)) and getattr(source, "closed", False) is True

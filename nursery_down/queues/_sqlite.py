@@ -9,7 +9,7 @@ import math
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, Literal, Self, TypeVar
 
@@ -102,6 +102,14 @@ _OPEN_OWNERS: set[str] = set()
 #: At most this many ids in one ``IN (...)`` list, within any SQLite's limit on
 #: variables a statement.
 _IDS_A_STATEMENT = 500
+
+
+def _in_slices(ids: Sequence[int]) -> Iterator[tuple[Sequence[int], str]]:
+    """*ids* a statement's worth at a time, each with its ``?`` marks for ``IN (...)``."""
+    for start in range(0, len(ids), _IDS_A_STATEMENT):
+        part = ids[start : start + _IDS_A_STATEMENT]
+        yield part, ",".join("?" * len(part))
+
 
 #: The rows of at most this many jobs (three each, mostly) are deleted by one pass
 #: of the pruning, so that a pass never holds the write lock long; passes come with
@@ -826,18 +834,16 @@ class SQLiteQueue:
             gone.setdefault((pid, token), []).append(owner)
         holder = "lease_pid IS ? AND lease_token IS ? AND lease_owner IS ?"
         recovered = 0
-        if orphans:  # jobs of this object whose settle could not be written
-            for start in range(0, len(orphans), _IDS_A_STATEMENT):
-                chunk = orphans[start : start + _IDS_A_STATEMENT]
-                recovered += len(
-                    self._requeue_leased(
-                        connection,
-                        f"lease_owner IS ? AND id IN ({', '.join('?' * len(chunk))})",
-                        (self._owner, *chunk),
-                        "release",
-                        "its settle could not be written",
-                    )
+        for part, marks in _in_slices(orphans):  # jobs whose settle could not be written
+            recovered += len(
+                self._requeue_leased(
+                    connection,
+                    f"lease_owner IS ? AND id IN ({marks})",
+                    (self._owner, *part),
+                    "release",
+                    "its settle could not be written",
                 )
+            )
         for owner in closed:  # queues of this process closed without releasing them
             recovered += len(
                 self._requeue_leased(
@@ -928,9 +934,7 @@ class SQLiteQueue:
         # A slice at a time: a process may have died holding more leases than SQLite
         # takes variables in a statement (999 on older builds), and a recovery that
         # failed on that would fail every open of the file.
-        for start in range(0, len(ids), _IDS_A_STATEMENT):
-            part = ids[start : start + _IDS_A_STATEMENT]
-            marks = ",".join("?" * len(part))
+        for part, marks in _in_slices(ids):
             killers += connection.execute(
                 f"SELECT id, payload, attempts, lost_leases, enqueued_at FROM jobs"
                 f" WHERE id IN ({marks}) AND lost_leases >= ?",
